@@ -1,0 +1,19 @@
+"""Configuration of the branch-and-bound search."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class BabConfig:
+    input_split: str = "auto"        # "auto": split inputs when the input has <= input_split_max_dim entries
+    input_split_max_dim: int = 16
+    input_batch: int = 4096          # boxes bounded per step (input splitting)
+    relu_batch: int = 256            # domains branched per step (ReLU splitting; 2x children bounded)
+    branching: str = "babsr"         # "babsr" or "fsb" (filtered smart branching)
+    fsb_candidates: int = 3          # top-k BaBSR candidates evaluated by FSB
+    max_domains: int = 500_000       # memory budget: more open domains -> "unknown"
+    alpha_iterations: int = 10       # alpha/beta optimisation steps per BaB batch
+    alpha_lr: float = 0.1
+    beta_lr: float = 0.05
+    min_box_width: float = 1e-7      # input boxes are not split below this width

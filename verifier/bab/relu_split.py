@@ -1,0 +1,250 @@
+"""Branch and bound on ReLU activations with beta-CROWN (Wang et al., NeurIPS 2021).
+
+A subdomain fixes some ReLUs active (z >= 0) or inactive (z <= 0). Domains are rows of tensors:
+split signs per ReLU layer, intermediate bounds, warm-start slopes (alpha) and split multipliers
+(beta), the current lower bound and the next branching decision. Each step takes the batch of
+domains with the lowest bounds, splits each on its chosen neuron, and bounds all children in
+one call: intermediate bounds by CROWN under the splits (starting from the parent's), then the
+output bound with alpha and beta optimised jointly. Children proven impossible are dropped; the
+minimiser of each remaining child's linear lower bound is tried concretely.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from ..bounds.alpha import AlphaConfig, alpha_crown
+from ..bounds.crown import SplitState, crown_bounds
+from ..graph import BoundGraph
+from ..ops import Bounds, ReLU
+from ..spec import RegionSpec
+from .config import BabConfig
+from .records import SubdomainRecords
+
+
+@dataclass
+class Domains:
+    """A batch of M subdomains of one region and one disjunct (R rows)."""
+
+    signs: dict[int, Tensor]            # z node -> (M, *shape) in {-1, 0, +1}
+    bounds: list[Optional[Bounds]]      # per node, (M, *shape) where a relaxation needs them
+    alphas: dict[int, Tensor]           # relu node -> (M, R, *shape) lower slopes, output objective
+    betas: dict[int, Tensor]            # z node -> (M, 1, *shape) >= 0
+    lower: Tensor                       # (M,) best margin lower bound (proven when > 0)
+    decision: Tensor                    # (M,) flat neuron index over all ReLU layers, -1 if none
+    depth: Tensor                       # (M,)
+    ids: Tensor                         # (M,)
+
+    def __len__(self) -> int:
+        return self.lower.shape[0]
+
+    def take(self, index: Tensor) -> "Domains":
+        pick = lambda t: t[index]
+        return Domains({k: pick(v) for k, v in self.signs.items()},
+                       [None if b is None else Bounds(pick(b.lower), pick(b.upper)) for b in self.bounds],
+                       {k: pick(v) for k, v in self.alphas.items()}, {k: pick(v) for k, v in self.betas.items()},
+                       pick(self.lower), pick(self.decision), pick(self.depth), pick(self.ids))
+
+    @staticmethod
+    def cat(parts: list["Domains"]) -> "Domains":
+        parts = [p for p in parts if p is not None]
+        first = parts[0]
+        cat = lambda ts: torch.cat(ts)
+        return Domains({k: cat([p.signs[k] for p in parts]) for k in first.signs},
+                       [None if b is None else Bounds(cat([p.bounds[i].lower for p in parts]),
+                                                      cat([p.bounds[i].upper for p in parts]))
+                        for i, b in enumerate(first.bounds)],
+                       {k: cat([p.alphas[k] for p in parts]) for k in first.alphas},
+                       {k: cat([p.betas[k] for p in parts]) for k in first.betas},
+                       cat([p.lower for p in parts]), cat([p.decision for p in parts]),
+                       cat([p.depth for p in parts]), cat([p.ids for p in parts]))
+
+
+class ReluLayout:
+    """The ReLU layers of a graph and a flat numbering of their neurons."""
+
+    def __init__(self, graph: BoundGraph):
+        self.relus = graph.relu_nodes()
+        self.z_nodes = [graph.nodes[r].inputs[0] for r in self.relus]
+        sizes = [graph.nodes[z].numel for z in self.z_nodes]
+        self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        self.sizes = sizes
+        self.total = sum(sizes)
+
+    def locate(self, flat: Tensor) -> tuple[Tensor, Tensor]:
+        """flat neuron index (M,) -> (layer position, index within the layer)."""
+        offsets = torch.tensor(self.offsets, device=flat.device)
+        layer = torch.searchsorted(offsets, flat, right=True) - 1
+        return layer, flat - offsets[layer]
+
+
+def branching_scores(layout: ReluLayout, graph: BoundGraph, bounds: list[Bounds], record: dict[int, Tensor]) -> Tensor:
+    """BaBSR-style score of every neuron: (M, total) with -inf where nothing can be split.
+
+    The lower bound pays, for an unstable neuron with negative coefficient A (on its ReLU
+    output), the intercept of the upper line: |A^-| * (-l u / (u - l)). Splitting the neuron
+    removes that term; it is the main estimate. A small term |A| * min(u, -l) breaks ties."""
+    scores = []
+    for r, z in zip(layout.relus, layout.z_nodes):
+        l, u = bounds[z].lower.flatten(1), bounds[z].upper.flatten(1)
+        A = record.get(r)
+        unstable = (l < 0) & (u > 0)
+        if A is None:
+            scores.append(torch.where(unstable, (u - l), torch.full_like(l, -float("inf"))))
+            continue
+        A = A.flatten(2)
+        width = torch.where(unstable, u - l, torch.ones_like(u))
+        intercept = torch.where(unstable, -l * u / width, torch.zeros_like(u))
+        s = (A.clamp(max=0).abs() * intercept.unsqueeze(1)).sum(1)
+        s = s + 1e-3 * (A.abs() * torch.minimum(u, -l).clamp(min=0).unsqueeze(1)).sum(1)
+        scores.append(torch.where(unstable, s, torch.full_like(s, -float("inf"))))
+    return torch.cat(scores, dim=1)
+
+
+class ReluSplitSearch:
+    def __init__(self, graph: BoundGraph, spec: RegionSpec, check: Callable[[Tensor], Optional[tuple]],
+                 config: BabConfig, records: SubdomainRecords, region: int = 0,
+                 log: Callable[[str], None] = lambda s: None):
+        self.graph, self.spec, self.check, self.config = graph, spec, check, config
+        self.records, self.region, self.log = records, region, log
+        self.layout = ReluLayout(graph)
+        self.alpha_config = AlphaConfig(iterations=config.alpha_iterations, lr=config.alpha_lr,
+                                        optimize_intermediate=False, early_stop_patience=config.alpha_iterations)
+        self.stuck = False
+
+    # ---- bounding ------------------------------------------------------------------------
+    def bound(self, signs: dict[int, Tensor], reference: list[Optional[Bounds]], alphas: dict[int, Tensor],
+              betas: dict[int, Tensor]):
+        """Bound M subdomains. Returns margins (M, R), bounds, alphas, betas, record."""
+        M = next(iter(signs.values())).shape[0] if signs else 1
+        spec = self.spec
+        box = Bounds(spec.lower.unsqueeze(0).expand(M, *spec.lower.shape),
+                     spec.upper.unsqueeze(0).expand(M, *spec.upper.shape))
+        C = spec.C.unsqueeze(0).expand(M, *spec.C.shape)
+        with torch.no_grad():
+            fixed = SplitState(signs, {z: b.detach() for z, b in betas.items()})
+            bounds = crown_bounds(self.graph, box, splits=fixed, reference=reference)
+        live_betas = {z: b.detach().clone().requires_grad_(True) for z, b in betas.items()}
+        splits = SplitState(signs, live_betas)
+        out = self.graph.output
+        warm = {(out, r): (a, None) for r, a in alphas.items()}
+        record: dict[int, Tensor] = {}
+        lb, _, _, new_alphas = alpha_crown(self.graph, box, C, self.alpha_config, need_upper=False,
+                                           initial=bounds, splits=splits, warm=warm, record=record)
+        alphas_out = {r: new_alphas[(out, r)][0].detach() for r in self.layout.relus if (out, r) in new_alphas}
+        return lb - spec.rhs, bounds, alphas_out, {z: b.detach() for z, b in live_betas.items()}, record, box
+
+    def decide(self, bounds, record) -> Tensor:
+        scores = branching_scores(self.layout, self.graph, bounds, record)
+        best, index = scores.max(1)
+        return torch.where(torch.isfinite(best), index, torch.full_like(index, -1))
+
+    def counterexample(self, box: Bounds, margins: Tensor, record: dict[int, Tensor]) -> Optional[tuple]:
+        """Try the minimiser of each domain's worst linear lower bound."""
+        A = record.get(0)
+        if A is None:
+            return None
+        worst_row = margins.argmin(1)
+        A_worst = A[torch.arange(A.shape[0]), worst_row]
+        corner = torch.where(A_worst > 0, box.lower, box.upper)
+        return self.check(corner)
+
+    # ---- the search ----------------------------------------------------------------------
+    def root(self, reference: Optional[list[Optional[Bounds]]]) -> Domains:
+        signs = {z: torch.zeros(1, *self.graph.nodes[z].shape, dtype=self.spec.lower.dtype,
+                                device=self.spec.lower.device) for z in self.layout.z_nodes}
+        betas = {z: torch.zeros(1, 1, *self.graph.nodes[z].shape, dtype=self.spec.lower.dtype,
+                                device=self.spec.lower.device) for z in self.layout.z_nodes}
+        margins, bounds, alphas, betas, record, _ = self.bound(signs, reference, {}, betas)
+        ids = self.records.new_ids(1)
+        lower = margins.amax(1)
+        self.records.add(ids, torch.full((1,), -1), torch.zeros(1, dtype=torch.long), lower,
+                         self.unstable_counts(bounds), "root", region=self.region)
+        return Domains(signs, bounds, alphas, betas, lower, self.decide(bounds, record),
+                       torch.zeros(1, dtype=torch.long), ids)
+
+    def unstable_counts(self, bounds) -> Tensor:
+        return torch.stack([((bounds[z].lower < 0) & (bounds[z].upper > 0)).flatten(1).sum(1)
+                            for z in self.layout.z_nodes], dim=1).cpu()
+
+    def children(self, parents: Domains) -> tuple[dict, list, dict, dict, Tensor, Tensor]:
+        """Both children of every parent: rows [0, P) active (z >= 0), [P, 2P) inactive."""
+        P = len(parents)
+        layer, local = self.layout.locate(parents.decision)
+        sign_value = torch.cat([torch.ones(P), -torch.ones(P)]).to(parents.lower)
+        rows = torch.arange(2 * P, device=parents.lower.device)
+        signs, betas = {}, {}
+        for pos, z in enumerate(self.layout.z_nodes):
+            s = torch.cat([parents.signs[z], parents.signs[z]]).flatten(1).clone()
+            hit = torch.cat([layer == pos, layer == pos])
+            idx = torch.cat([local, local])
+            s[rows[hit], idx[hit]] = sign_value[hit]
+            signs[z] = s.view(2 * P, *self.graph.nodes[z].shape)
+            betas[z] = torch.cat([parents.betas[z], parents.betas[z]])
+        bounds = [None if b is None else Bounds(torch.cat([b.lower, b.lower]), torch.cat([b.upper, b.upper]))
+                  for b in parents.bounds]
+        alphas = {r: torch.cat([a, a]) for r, a in parents.alphas.items()}
+        return signs, bounds, alphas, betas, torch.cat([layer, layer]), torch.cat([local, local])
+
+    def run(self, deadline: float, reference: Optional[list[Optional[Bounds]]] = None) -> tuple[str, Optional[tuple]]:
+        if not self.layout.relus:
+            return "unknown", None
+        store = self.root(reference)
+        batch = self.config.relu_batch
+        last_log = time.monotonic()
+        while True:
+            open_ = store.lower <= 0
+            store = store.take(open_.nonzero().squeeze(1))
+            if len(store) == 0:
+                return ("unknown", None) if self.stuck else ("unsat", None)
+            if time.monotonic() > deadline:
+                return "timeout", None
+            if len(store) > self.config.max_domains:
+                return "unknown", None
+            splittable = store.decision >= 0
+            if not bool(splittable.all()):
+                self.stuck = True   # no unstable neuron left, bound still not positive
+                store = store.take(splittable.nonzero().squeeze(1))
+                if len(store) == 0:
+                    return "unknown", None
+            take = min(batch, len(store))
+            order = torch.argsort(store.lower)
+            parents, rest = store.take(order[:take]), store.take(order[take:])
+            try:
+                result = self.step(parents)
+            except (torch.cuda.OutOfMemoryError, MemoryError):
+                batch = max(1, batch // 2)
+                self.log(f"out of memory: batch shrinks to {batch}")
+                store = Domains.cat([parents, rest])
+                continue
+            if isinstance(result, tuple):
+                return result
+            store = Domains.cat([rest, result]) if len(rest) else result
+            if time.monotonic() - last_log > 5:
+                last_log = time.monotonic()
+                self.log(f"relu split: {self.records.count} domains bounded, {len(store)} open, "
+                         f"worst bound {float(store.lower.min()) if len(store) else 0:.4g}")
+
+    def step(self, parents: Domains):
+        signs, ref, alphas, betas, layer, local = self.children(parents)
+        margins, bounds, alphas, betas, record, box = self.bound(signs, ref, alphas, betas)
+        lower = margins.amax(1)
+        ids = self.records.new_ids(len(lower))
+        depth = torch.cat([parents.depth, parents.depth]) + 1
+        P = len(parents)
+        self.records.add(ids, torch.cat([parents.ids, parents.ids]), depth, lower, self.unstable_counts(bounds),
+                         "relu", split_layer=layer, split_index=local,
+                         split_sign=torch.cat([torch.ones(P, dtype=torch.long), -torch.ones(P, dtype=torch.long)]),
+                         region=self.region)
+        open_ = lower <= 0
+        if bool(open_.any()):
+            found = self.counterexample(Bounds(box.lower[open_], box.upper[open_]), margins[open_],
+                                        {0: record[0][open_]} if 0 in record else {})
+            if found is not None:
+                return "sat", found
+        children = Domains(signs, bounds, alphas, betas, lower, self.decide(bounds, record), depth, ids)
+        return children.take(open_.nonzero().squeeze(1))

@@ -1,0 +1,194 @@
+"""CROWN: backward linear bound propagation over the bound graph (Zhang et al., NeurIPS 2018).
+
+``backward_bound`` pushes linear functions of one node's value back to the input and
+concretises them over the input box. ``crown_bounds`` computes the pre-activation bounds of
+every node a relaxation needs, in topological order, each by one backward pass that uses the
+bounds found before it. Optional hooks let alpha-CROWN pass optimised slopes and beta-CROWN its
+split multipliers; without them this is plain CROWN.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from ..graph import BoundGraph
+from ..ops import Bounds, Linear, ReLU
+from .ibp import ibp_bounds
+
+# (start node, relu node) -> lower-relaxation slopes for the lA side and the uA side, each
+# (N, S_start, *relu_shape) or None.
+Alphas = dict[tuple[int, int], tuple[Optional[Tensor], Optional[Tensor]]]
+
+
+@dataclass
+class SplitState:
+    """ReLU split decisions of a batch of subdomains, per ReLU input node:
+    ``signs[node]``: (N, *shape) with +1 (z >= 0 enforced), -1 (z <= 0) or 0 (free);
+    ``betas[node]``: (N, S, *shape) or (N, 1, *shape) non-negative multipliers, or absent."""
+
+    signs: dict[int, Tensor] = field(default_factory=dict)
+    betas: dict[int, Tensor] = field(default_factory=dict)
+
+    def apply(self, node: int, b: Bounds) -> Bounds:
+        """Tighten bounds of a split node: z >= 0 lifts the lower bound, z <= 0 the upper."""
+        s = self.signs.get(node)
+        if s is None:
+            return b
+        return Bounds(torch.where(s > 0, b.lower.clamp(min=0), b.lower),
+                      torch.where(s < 0, b.upper.clamp(max=0), b.upper))
+
+
+def concretize(lA: Optional[Tensor], uA: Optional[Tensor], lbias, ubias, box: Bounds):
+    """Bounds of ``A x + bias`` over the box. lA, uA: (N, S, *in_shape) -> lb, ub: (N, S)."""
+    center = ((box.upper + box.lower) / 2).flatten(1).unsqueeze(-1)   # (N, d, 1)
+    radius = ((box.upper - box.lower) / 2).flatten(1).unsqueeze(-1)
+    lb = ub = None
+    if lA is not None:
+        A = lA.flatten(2)
+        lb = torch.bmm(A, center).squeeze(-1) - torch.bmm(A.abs(), radius).squeeze(-1) + lbias
+    if uA is not None:
+        A = uA.flatten(2)
+        ub = torch.bmm(A, center).squeeze(-1) + torch.bmm(A.abs(), radius).squeeze(-1) + ubias
+    return lb, ub
+
+
+def _start_A(graph: BoundGraph, start: int, rows: Tensor, N: int, dtype, device):
+    """Identity rows ``rows`` of node ``start``: (N, S, *shape) one-hot coefficients."""
+    shape = graph.nodes[start].shape
+    numel = graph.nodes[start].numel
+    eye = torch.zeros(len(rows), numel, dtype=dtype, device=device)
+    eye[torch.arange(len(rows), device=device), rows] = 1
+    return eye.reshape(1, len(rows), *shape).expand(N, len(rows), *shape)
+
+
+def backward_bound(graph: BoundGraph, start: int, lA: Optional[Tensor], uA: Optional[Tensor],
+                   bounds: list[Optional[Bounds]], box: Bounds, alphas: Optional[Alphas] = None,
+                   splits: Optional[SplitState] = None, start_rows: Optional[Tensor] = None,
+                   record: Optional[dict[int, Tensor]] = None):
+    """Bound linear functions of node ``start``'s value over the input box.
+
+    lA, uA: (N, S, *shape_start) objectives for the lower / upper bound (either may be None);
+    or, with ``start_rows`` (S,) long, the identity rows of the node (lA, uA then ignored).
+    bounds: per node, Bounds (N, *shape) wherever a relaxation needs them.
+    Returns lb, ub: (N, S) (None for a side not asked for). With ``record``, the lower-side
+    coefficients reaching every ReLU node (N, S, *shape) and the input (key 0) are stored there
+    (branching heuristics read them).
+    """
+    N = box.lower.shape[0]
+    want_l, want_u = (True, True) if start_rows is not None else (lA is not None, uA is not None)
+    acc_l: dict[int, Tensor] = {}
+    acc_u: dict[int, Tensor] = {}
+    lbias: Tensor | float = 0.0
+    ubias: Tensor | float = 0.0
+    first = start
+    if start_rows is not None:
+        op = graph.nodes[start].op
+        if isinstance(op, Linear) and len(graph.nodes[start].shape) == 1:
+            # identity rows of a Linear output are rows of W: skip the one-hot product
+            W = op.weight()[start_rows]
+            A = W.unsqueeze(0).expand(N, *W.shape)
+            first = graph.nodes[start].inputs[0]
+            acc_l[first] = A if want_l else None
+            acc_u[first] = A if want_u else None
+            if op.bias is not None:
+                b = op.bias()[start_rows].unsqueeze(0)
+                lbias, ubias = b, b
+        else:
+            A = _start_A(graph, start, start_rows, N, box.lower.dtype, box.lower.device)
+            acc_l[start] = A if want_l else None
+            acc_u[start] = A if want_u else None
+    else:
+        acc_l[start], acc_u[start] = lA, uA
+
+    for i in reversed(graph.ancestors(first)):
+        if i == 0:
+            break
+        lA_i, uA_i = acc_l.pop(i, None), acc_u.pop(i, None)
+        if lA_i is None and uA_i is None:
+            continue
+        if splits is not None and i in splits.betas and i != start:
+            # beta-CROWN: min f s.t. s z >= 0  >=  min f - beta s z  (beta >= 0), so the lower
+            # objective gains -beta*s on z and the upper one +beta*s
+            term = splits.betas[i] * splits.signs[i].unsqueeze(1)
+            lA_i = None if lA_i is None else lA_i - term
+            uA_i = None if uA_i is None else uA_i + term
+        node = graph.nodes[i]
+        if record is not None and isinstance(node.op, ReLU) and lA_i is not None:
+            record[i] = lA_i
+        kwargs = {}
+        if alphas is not None and isinstance(node.op, ReLU) and (start, i) in alphas:
+            kwargs["alpha_l"], kwargs["alpha_u"] = alphas[(start, i)]
+        result = node.op.backward(lA_i, uA_i, *(bounds[j] for j in node.inputs), **kwargs)
+        lbias = lbias + result.lbias
+        ubias = ubias + result.ubias
+        for j, (l_j, u_j) in zip(node.inputs, result.input_A):
+            if l_j is not None:
+                acc_l[j] = l_j if j not in acc_l or acc_l[j] is None else acc_l[j] + l_j
+            if u_j is not None:
+                acc_u[j] = u_j if j not in acc_u or acc_u[j] is None else acc_u[j] + u_j
+    lA0, uA0 = acc_l.get(0), acc_u.get(0)
+    if want_l and lA0 is None:  # the objective does not depend on the input
+        lA0 = torch.zeros(N, 1, *graph.input_shape, dtype=box.lower.dtype, device=box.lower.device)
+    if want_u and uA0 is None:
+        uA0 = torch.zeros(N, 1, *graph.input_shape, dtype=box.lower.dtype, device=box.lower.device)
+    if record is not None and lA0 is not None:
+        record[0] = lA0
+    return concretize(lA0 if want_l else None, uA0 if want_u else None, lbias, ubias, box)
+
+
+def unstable_rows(graph: BoundGraph, node: int, b: Bounds) -> Tensor:
+    """Flat indices of the node's neurons whose bounds a CROWN pass can still improve usefully:
+    for a ReLU input the ones unstable in some batch element; for other relaxations all."""
+    consumers = [graph.nodes[c].op for c in graph.consumers[node] if graph.nodes[c].op.nonlinear]
+    if consumers and all(isinstance(op, ReLU) for op in consumers):
+        unstable = ((b.lower < 0) & (b.upper > 0)).flatten(1).any(0)
+        return unstable.nonzero().squeeze(1)
+    return torch.arange(graph.nodes[node].numel, device=b.lower.device)
+
+
+def intersect(a: Bounds, b: Bounds) -> Bounds:
+    return Bounds(torch.maximum(a.lower, b.lower), torch.minimum(a.upper, b.upper))
+
+
+def crown_bounds(graph: BoundGraph, box: Bounds, alphas: Optional[Alphas] = None,
+                 splits: Optional[SplitState] = None, reference: Optional[list[Optional[Bounds]]] = None,
+                 rows: Optional[dict[int, Tensor]] = None, method: str = "crown") -> list[Optional[Bounds]]:
+    """Bounds of every node that a relaxation needs (others: IBP), in topological order.
+
+    Each needed node gets IBP from its (already tightened) inputs, intersected with ``reference``
+    bounds where given (e.g. the parent subdomain's), tightened by the split decisions, then --
+    with method "crown" -- by a backward pass on the rows that are still unstable (``rows``
+    overrides that choice; alpha-CROWN keeps rows fixed while it optimises).
+    """
+    needed = set(graph.needs_bounds())
+    bounds: list[Optional[Bounds]] = [box]
+    for i, node in enumerate(graph.nodes[1:], start=1):
+        b = node.op.ibp(*(bounds[j] for j in node.inputs))
+        if i in needed:
+            if reference is not None and reference[i] is not None:
+                b = intersect(b, reference[i])
+            if splits is not None:
+                b = splits.apply(i, b)
+            if method == "crown":
+                sel = rows[i] if rows is not None and i in rows else unstable_rows(graph, i, b)
+                if len(sel):
+                    lb, ub = backward_bound(graph, i, None, None, bounds, box, alphas, splits, start_rows=sel)
+                    flat_l, flat_u = b.lower.flatten(1), b.upper.flatten(1)
+                    flat_l = flat_l.index_copy(1, sel, torch.maximum(flat_l[:, sel], lb))
+                    flat_u = flat_u.index_copy(1, sel, torch.minimum(flat_u[:, sel], ub))
+                    b = Bounds(flat_l.reshape(b.lower.shape), flat_u.reshape(b.upper.shape))
+                    if splits is not None:
+                        b = splits.apply(i, b)
+        bounds.append(b)
+    return bounds
+
+
+def output_bounds(graph: BoundGraph, box: Bounds, C: Tensor, bounds: list[Optional[Bounds]],
+                  need_upper: bool = True, alphas: Optional[Alphas] = None, splits: Optional[SplitState] = None,
+                  record: Optional[dict[int, Tensor]] = None):
+    """Bounds of ``C @ output``: C (N, S, *output_shape) -> lb, ub (N, S) (ub None without need_upper)."""
+    return backward_bound(graph, graph.output, C, C if need_upper else None, bounds, box, alphas, splits,
+                          record=record)

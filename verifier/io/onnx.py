@@ -1,0 +1,88 @@
+"""Loading an ONNX file: checks, opset upgrade, onnx2torch conversion, then the bound graph."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import InputFileError, UnsupportedOperatorError
+from ..graph import BoundGraph
+from .convert import build_graph
+
+# Operators that the converter can turn into bound ops, or fold when they act on constants only.
+SUPPORTED_OPS = {
+    "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Neg", "Conv", "BatchNormalization", "Relu", "Sigmoid", "Tanh",
+    "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Constant", "Pad", "Concat", "AveragePool",
+    "MaxPool", "Identity", "Dropout", "Shape", "Gather", "Slice", "Cast", "ConstantOfShape", "Expand",
+}
+
+
+@dataclass(frozen=True)
+class OnnxModel:
+    path: str
+    graph_module: torch.nn.Module
+    input_name: str
+    input_layout: tuple[int, ...]   # input shape with a symbolic/zero batch dim set to 1
+    batched: bool
+
+
+def read_onnx(path: str):
+    import onnx
+    if not os.path.isfile(path):
+        raise InputFileError(f"{path}: no such file")
+    try:
+        model = onnx.load(path)
+    except Exception as exc:  # onnx raises DecodeError and others for non-ONNX bytes
+        raise InputFileError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
+    if not model.graph.node:
+        raise InputFileError(f"{path}: not an ONNX model (empty graph)")
+    return model
+
+
+def graph_input(model, path: str) -> tuple[str, tuple[int, ...], bool]:
+    """The one non-initializer input: name, shape with the batch dim set to 1, batched flag."""
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise UnsupportedOperatorError(f"{path}: models with {len(inputs)} inputs are not supported (need 1)")
+    dims = inputs[0].type.tensor_type.shape.dim
+    raw = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims]
+    batched = len(raw) >= 2 and (raw[0] in (None, 0, 1) or isinstance(raw[0], str))
+    shape = [1 if (i == 0 and batched) else d for i, d in enumerate(raw)]
+    if any(not isinstance(d, int) or d <= 0 for d in shape):
+        raise UnsupportedOperatorError(f"{path}: input '{inputs[0].name}' has a non-batch dimension that is "
+                                       f"symbolic or zero: {raw}")
+    return inputs[0].name, tuple(shape), batched
+
+
+def load_onnx(path: str) -> OnnxModel:
+    import onnx
+    import onnx.version_converter
+    from onnx2torch import convert
+
+    model = read_onnx(path)
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in SUPPORTED_OPS:
+            raise UnsupportedOperatorError(
+                f"{path}: node '{node.name or node.output[0]}': operator {node.op_type} is not supported")
+    name, layout, batched = graph_input(model, path)
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=13)
+    if opset < 11:
+        # onnx2torch lacks converters for some old versions (e.g. Flatten-1); upgrading is exact
+        try:
+            model = onnx.version_converter.convert_version(model, 13)
+        except Exception as exc:
+            raise UnsupportedOperatorError(f"{path}: cannot upgrade opset {opset} to 13: {exc}") from None
+    try:
+        gm = convert(model)
+    except NotImplementedError as exc:
+        raise UnsupportedOperatorError(f"{path}: {exc}") from None
+    except Exception as exc:
+        raise InputFileError(f"{path}: conversion failed: {type(exc).__name__}: {exc}") from None
+    return OnnxModel(path, gm.eval(), name, layout, batched)
+
+
+def onnx_bound_graph(onnx_model: OnnxModel, device: torch.device, dtype: torch.dtype) -> BoundGraph:
+    return build_graph(onnx_model.graph_module, onnx_model.input_layout, onnx_model.batched, device, dtype,
+                       os.path.basename(onnx_model.path), live_params=False)

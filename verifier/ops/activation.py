@@ -1,0 +1,144 @@
+"""Nonlinear elementwise ops and their linear relaxations.
+
+ReLU (CROWN, Zhang et al. 2018): for an unstable neuron (l < 0 < u) the upper line is the chord
+``u (x - l) / (u - l)``; the lower line is ``alpha * x`` for any alpha in [0, 1]. CROWN picks
+alpha = 1 if u >= -l else 0 (the smaller-area choice); alpha-CROWN optimises it per spec.
+
+Sigmoid and Tanh: S-shaped with a derivative that is even and unimodal. For any slope k the
+extremes of ``g(x) = f(x) - k x`` on [l, u] lie at l, u or where ``f'(x) = k`` (two symmetric
+points at most), so ``k x + min g`` and ``k x + max g`` are sound lower and upper lines. We take
+k as the chord slope: the upper (lower) line is then the chord where f is convex (concave), and
+its parallel tangent on the other side -- the CROWN relaxation in the one-sided cases.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .base import BackwardResult, Bounds, Op, contract
+
+
+class ReLU(Op):
+    nonlinear = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(x)
+
+    def ibp(self, b: Bounds) -> Bounds:
+        return Bounds(torch.relu(b.lower), torch.relu(b.upper))
+
+    @staticmethod
+    def relaxation(b: Bounds) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Returns (upper_slope, upper_intercept, default_lower_slope, unstable), each (N, *shape).
+        Stable neurons get the exact slope (1 active, 0 inactive) on both sides."""
+        l, u = b.lower, b.upper
+        unstable = (l < 0) & (u > 0)
+        active = l >= 0
+        denom = torch.where(unstable, u - l, torch.ones_like(u))
+        upper_slope = torch.where(unstable, u / denom, active.to(u.dtype))
+        upper_intercept = torch.where(unstable, -l * upper_slope, torch.zeros_like(u))
+        lower_slope = torch.where(unstable, (u >= -l).to(u.dtype), active.to(u.dtype))
+        return upper_slope, upper_intercept, lower_slope, unstable
+
+    def backward(self, lA: Optional[Tensor], uA: Optional[Tensor], b: Bounds,
+                 alpha_l: Optional[Tensor] = None, alpha_u: Optional[Tensor] = None) -> BackwardResult:
+        """lA, uA: (N, S, *shape); alpha_l, alpha_u: optional lower slopes of unstable neurons,
+        (N, S, *shape) or broadcastable, used on the lA (resp. uA) side."""
+        upper_slope, upper_intercept, lower_slope, unstable = self.relaxation(b)
+        up_s, up_i = upper_slope.unsqueeze(1), upper_intercept.unsqueeze(1)
+        lA_in = uA_in = None
+        lbias = ubias = 0.0
+        if lA is not None:
+            lo = lower_slope.unsqueeze(1) if alpha_l is None else torch.where(
+                unstable.unsqueeze(1), alpha_l, lower_slope.unsqueeze(1))
+            pos, neg = lA.clamp(min=0), lA.clamp(max=0)
+            lA_in = pos * lo + neg * up_s
+            lbias = contract(neg, up_i)
+        if uA is not None:
+            lo = lower_slope.unsqueeze(1) if alpha_u is None else torch.where(
+                unstable.unsqueeze(1), alpha_u, lower_slope.unsqueeze(1))
+            pos, neg = uA.clamp(min=0), uA.clamp(max=0)
+            uA_in = pos * up_s + neg * lo
+            ubias = contract(pos, up_i)
+        return BackwardResult([(lA_in, uA_in)], lbias, ubias)
+
+
+class _SShaped(Op):
+    """Shared relaxation of Sigmoid and Tanh; subclasses give f and the inverse of f'."""
+
+    nonlinear = True
+
+    def f(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def df(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def tangent_points(self, k: Tensor) -> Tensor:
+        """The x >= 0 with f'(x) = k, for 0 < k <= max f' (k is clamped into that range)."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.f(x)
+
+    def ibp(self, b: Bounds) -> Bounds:
+        return Bounds(self.f(b.lower), self.f(b.upper))  # monotone increasing
+
+    def relaxation(self, b: Bounds) -> tuple[Tensor, Tensor, Tensor]:
+        """(slope, lower_intercept, upper_intercept), each (N, *shape)."""
+        l, u = b.lower, b.upper
+        fl, fu = self.f(l), self.f(u)
+        width = u - l
+        degenerate = width <= 1e-12
+        chord = (fu - fl) / torch.where(degenerate, torch.ones_like(width), width)
+        k = torch.where(degenerate, self.df(l), chord)
+        x_star = self.tangent_points(k)
+        candidates = torch.stack([l, u, x_star.clamp(l, u), (-x_star).clamp(l, u)])
+        kx = k * candidates
+        g = self.f(candidates) - kx
+        # widen by a few ulps of the terms so that rounding in f and k*x cannot cut a sample off
+        margin = 16 * torch.finfo(g.dtype).eps * (1 + g.abs().amax(0) + kx.abs().amax(0))
+        return k, g.amin(0) - margin, g.amax(0) + margin
+
+    def backward(self, lA, uA, b: Bounds) -> BackwardResult:
+        k, lower_i, upper_i = self.relaxation(b)
+        k1, lo1, up1 = k.unsqueeze(1), lower_i.unsqueeze(1), upper_i.unsqueeze(1)
+        lA_in = uA_in = None
+        lbias = ubias = 0.0
+        if lA is not None:
+            lA_in = lA * k1
+            lbias = contract(lA.clamp(min=0), lo1) + contract(lA.clamp(max=0), up1)
+        if uA is not None:
+            uA_in = uA * k1
+            ubias = contract(uA.clamp(min=0), up1) + contract(uA.clamp(max=0), lo1)
+        return BackwardResult([(lA_in, uA_in)], lbias, ubias)
+
+
+class Sigmoid(_SShaped):
+    def f(self, x):
+        return torch.sigmoid(x)
+
+    def df(self, x):
+        s = torch.sigmoid(x)
+        return s * (1 - s)
+
+    def tangent_points(self, k):
+        # s (1 - s) = k  =>  s = (1 + sqrt(1 - 4k)) / 2, x = logit(s) >= 0
+        k = k.clamp(1e-12, 0.25)
+        s = (1 + torch.sqrt((1 - 4 * k).clamp(min=0))) / 2
+        return torch.logit(s.clamp(max=1 - 1e-7 if s.dtype == torch.float32 else 1 - 1e-15))
+
+
+class Tanh(_SShaped):
+    def f(self, x):
+        return torch.tanh(x)
+
+    def df(self, x):
+        return 1 - torch.tanh(x) ** 2
+
+    def tangent_points(self, k):
+        # 1 - t^2 = k  =>  t = sqrt(1 - k), x = atanh(t) >= 0
+        t = torch.sqrt((1 - k.clamp(1e-12, 1.0)).clamp(min=0))
+        return torch.atanh(t.clamp(max=1 - 1e-7 if t.dtype == torch.float32 else 1 - 1e-15))

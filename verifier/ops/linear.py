@@ -1,0 +1,92 @@
+"""Affine ops with weights: Linear (Gemm, MatMul by a constant) and Conv2d.
+
+Both bound by the exact rules of an affine map: IBP through centre and radius
+(``W c + b``, ``|W| r``), backward by the transpose (``A W`` for Linear, transposed
+convolution for Conv).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import BackwardResult, Bounds, Op, Param, map_A
+
+
+class Linear(Op):
+    """``y = x @ W^T + b`` on the last dim. W: (out, in), b: (out,) or None.
+    Per-sample shapes ``(*pre, in) -> (*pre, out)``."""
+
+    def __init__(self, weight: Param, bias: Optional[Param]):
+        self.weight = weight
+        self.bias = bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        b = None if self.bias is None else self.bias()
+        return F.linear(x, self.weight(), b)
+
+    def ibp(self, b: Bounds) -> Bounds:
+        W = self.weight()
+        center = F.linear((b.upper + b.lower) / 2, W, None if self.bias is None else self.bias())
+        radius = F.linear((b.upper - b.lower) / 2, W.abs())
+        return Bounds(center - radius, center + radius)
+
+    def backward(self, lA, uA, *_) -> BackwardResult:
+        W = self.weight()
+        lA_in, uA_in = map_A(lambda A: A.matmul(W), lA, uA)
+        lbias = ubias = 0.0
+        if self.bias is not None:
+            b = self.bias()
+            lbias, ubias = map_A(lambda A: _sum_shape(A.matmul(b)), lA, uA)
+        return BackwardResult([(lA_in, uA_in)], lbias if lA is not None else 0.0,
+                              ubias if uA is not None else 0.0)
+
+
+def _sum_shape(t: Tensor) -> Tensor:
+    """(N, S, *rest) -> (N, S)."""
+    return t.flatten(2).sum(-1) if t.dim() > 2 else t
+
+
+class Conv2d(Op):
+    """2-D convolution, per-sample ``(C_in, H, W) -> (C_out, H_out, W_out)``."""
+
+    def __init__(self, weight: Param, bias: Optional[Param], stride, padding, dilation, groups: int,
+                 in_shape: tuple[int, ...]):
+        self.weight, self.bias = weight, bias
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.in_shape = tuple(in_shape)
+
+    def _conv(self, x: Tensor, W: Tensor, b: Optional[Tensor]) -> Tensor:
+        return F.conv2d(x, W, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv(x, self.weight(), None if self.bias is None else self.bias())
+
+    def ibp(self, b: Bounds) -> Bounds:
+        W = self.weight()
+        center = self._conv((b.upper + b.lower) / 2, W, None if self.bias is None else self.bias())
+        radius = self._conv((b.upper - b.lower) / 2, W.abs(), None)
+        return Bounds(center - radius, center + radius)
+
+    def backward(self, lA, uA, *_) -> BackwardResult:
+        W = self.weight()
+
+        def transpose(A: Tensor) -> Tensor:
+            N, S = A.shape[:2]
+            out = A.reshape(N * S, *A.shape[2:])
+            # output_padding recovers the input rows the strided convolution never reached
+            pad = [(self.in_shape[1 + i] + 2 * self.padding[i] - self.dilation[i] * (W.shape[2 + i] - 1) - 1)
+                   % self.stride[i] for i in range(2)]
+            x = F.conv_transpose2d(out, W, None, self.stride, self.padding, tuple(pad), self.groups,
+                                   self.dilation)
+            return x.reshape(N, S, *x.shape[1:])
+
+        lA_in, uA_in = map_A(transpose, lA, uA)
+        lbias = ubias = 0.0
+        if self.bias is not None:
+            b = self.bias()
+            lbias, ubias = map_A(lambda A: A.sum((-1, -2)).matmul(b), lA, uA)
+        return BackwardResult([(lA_in, uA_in)], lbias if lA is not None else 0.0,
+                              ubias if uA is not None else 0.0)

@@ -1,0 +1,167 @@
+"""Complete/incomplete verification of a VNN-LIB property: attack, bound, then search.
+
+The verdict is ``unsat`` only when sound bounds prove every disjunct of every region impossible,
+``sat`` only with a counterexample that a concrete run of the original model confirms.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .api import BoundedModel
+from .attack import AttackConfig, OnnxChecker, confirm, pgd_attack
+from .bab.config import BabConfig
+from .bab.input_split import input_split_search
+from .bab.records import SubdomainRecords
+from .bab.relu_split import ReluSplitSearch
+from .bounds.alpha import AlphaConfig, alpha_crown
+from .bounds.crown import crown_bounds, output_bounds
+from .io.vnnlib import Property
+from .ops import Bounds
+from .spec import RegionSpec, region_specs
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    timeout: float = 300.0
+    attack: AttackConfig = AttackConfig()
+    alpha: AlphaConfig = AlphaConfig()
+    bab: BabConfig = BabConfig()
+    complete: bool = True        # run branch and bound after the root bounds (False: incomplete)
+
+
+@dataclass
+class VerificationResult:
+    status: str                                   # "sat" | "unsat" | "timeout" | "unknown"
+    seconds: float
+    counterexample: Optional[tuple[np.ndarray, np.ndarray]] = None   # (x flat float32, y flat)
+    details: dict = field(default_factory=dict)
+    records: Optional[SubdomainRecords] = None
+
+
+def concrete_evaluator(model: BoundedModel) -> Callable[[np.ndarray], np.ndarray]:
+    """The independent check: onnxruntime on the ONNX file, or the original nn.Module."""
+    if model.onnx is not None:
+        return OnnxChecker(model.onnx.path, model.onnx.input_name, model.onnx.input_layout)
+    module, shape = model.module, model.input_shape
+
+    def run(x32: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            p = next(iter(module.parameters()), None)
+            x = torch.as_tensor(x32).reshape(1, *shape).to(p.dtype if p is not None else torch.float32)
+            return module(x).double().numpy().reshape(-1)
+    return run
+
+
+def region_lower_margins(model: BoundedModel, spec: RegionSpec, config: VerifyConfig):
+    """Sound lower bounds (1, R) of the margins C y - rhs over the region's box, and the
+    intermediate bounds behind them: CROWN first, then alpha-CROWN if CROWN does not prove it."""
+    graph = model.graph()
+    box = Bounds(spec.lower.unsqueeze(0), spec.upper.unsqueeze(0))
+    C = spec.C.unsqueeze(0)
+    with torch.no_grad():
+        bounds = crown_bounds(graph, box)
+        lb, _ = output_bounds(graph, box, C, bounds, need_upper=False)
+    margins = lb - spec.rhs
+    if spec.proven(margins).all() or not graph.relu_nodes():
+        return margins, bounds
+    lb, _, bounds, _ = alpha_crown(graph, box, C, config.alpha, need_upper=False, initial=bounds)
+    return torch.maximum(margins, lb - spec.rhs), bounds
+
+
+def make_checker(graph, spec: RegionSpec, evaluate, limit: int = 8):
+    """check(points (M, *in)) -> confirmed counterexample or None: screens the points on the bound
+    graph, then confirms the first few violating ones by a concrete run of the original model."""
+    def check(points: torch.Tensor):
+        with torch.no_grad():
+            margins = spec.margins(graph.forward(points))
+        hits = spec.violated(margins).any(1).nonzero().squeeze(1)[:limit]
+        for i in hits.tolist():
+            found = confirm(spec, points[i].detach().cpu().double().numpy(), evaluate)
+            if found is not None:
+                return found
+        return None
+    return check
+
+
+def verify(model: BoundedModel, prop: Property, config: VerifyConfig = VerifyConfig(),
+           log: Callable[[str], None] = lambda s: None) -> VerificationResult:
+    start = time.monotonic()
+    deadline = start + config.timeout
+    graph = model.graph()
+    specs = region_specs(prop, graph.input_shape, model.device, model.dtype)
+    evaluate = concrete_evaluator(model)
+    forward = graph.forward
+
+    def elapsed():
+        return time.monotonic() - start
+
+    for i, spec in enumerate(specs):   # falsification first: sat answers are cheap
+        if spec.empty_disjunct:
+            candidate = (spec.lower + spec.upper) / 2
+        else:
+            candidate = pgd_attack(forward, spec, config.attack, deadline)
+        if candidate is not None:
+            found = confirm(spec, candidate.detach().cpu().double().numpy(), evaluate)
+            if found is not None:
+                log(f"region {i}: counterexample confirmed by a concrete run")
+                return VerificationResult("sat", elapsed(), found, {"region": i})
+            log(f"region {i}: attack candidate not confirmed by the concrete run; ignored")
+        if time.monotonic() > deadline:
+            return VerificationResult("timeout", elapsed())
+    records = SubdomainRecords()
+    roots = []
+    for i, spec in enumerate(specs):
+        margins, bounds = region_lower_margins(model, spec, config)
+        roots.append((margins, bounds))
+        log(f"region {i}: worst disjunct lower margin {float(spec.worst(margins)[0]):.6g}")
+        if time.monotonic() > deadline:
+            return VerificationResult("timeout", elapsed(), records=records)
+    unproven = [i for i, (m, _) in enumerate(roots) if not bool(specs[i].proven(m).all())]
+    if not unproven:
+        return VerificationResult("unsat", elapsed(), records=records)
+    if not config.complete:
+        return VerificationResult("unknown", elapsed(), details={"unproven_regions": unproven}, records=records)
+    use_input_split = config.bab.input_split == "on" or (
+        config.bab.input_split == "auto" and graph.nodes[0].numel <= config.bab.input_split_max_dim)
+    status = "unsat"
+    for i in unproven:
+        spec = specs[i]
+        check = make_checker(graph, spec, evaluate)
+        if use_input_split:
+            log(f"region {i}: input splitting")
+            outcome, found = input_split_search(graph, spec, check, deadline, config.bab, records, i, log)
+        else:
+            margins, bounds = roots[i]
+            per_disjunct = spec.per_disjunct(margins)[0]
+            outcome, found = "unsat", None
+            for k in range(spec.n_disjuncts):
+                if per_disjunct[k] > 0:
+                    continue
+                log(f"region {i}, disjunct {k}: ReLU splitting (root bound {float(per_disjunct[k]):.4g})")
+                search = ReluSplitSearch(graph, spec.select(k), check, config.bab, records, i, log)
+                outcome, found = search.run(deadline, reference=bounds)
+                if outcome != "unsat":
+                    break
+        if outcome == "sat":
+            return VerificationResult("sat", elapsed(), found, {"region": i}, records)
+        if outcome != "unsat":
+            status = outcome if status == "unsat" or outcome == "timeout" else status
+            if outcome == "timeout":
+                break
+    return VerificationResult(status, elapsed(), details={"unproven_regions": unproven}, records=records)
+
+
+
+def format_result(result: VerificationResult) -> str:
+    """VNN-COMP result file text: the verdict, and for sat the assignment of every X_i and Y_j."""
+    if result.status != "sat" or result.counterexample is None:
+        return result.status + "\n"
+    x, y = result.counterexample
+    lines = [f"(X_{i} {float(v)!r})" for i, v in enumerate(x.reshape(-1))]
+    lines += [f"(Y_{j} {float(v)!r})" for j, v in enumerate(y.reshape(-1))]
+    return "sat\n(" + "\n ".join(lines) + ")\n"
