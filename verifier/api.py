@@ -55,6 +55,8 @@ class BoundedModel:
                                              f"takes {graph.input_shape}")
             return graph
         if input_shape is None:
+            if len(self._graphs) == 1:
+                return next(iter(self._graphs.values()))
             raise DimensionMismatchError("an nn.Module's bound graph needs the per-sample input shape")
         key = tuple(input_shape)
         if key not in self._graphs:
@@ -89,11 +91,11 @@ class BoundedModel:
         n_out = graph.nodes[graph.output].numel
         if spec is None:
             eye = torch.eye(n_out, device=self.device, dtype=self.dtype)
-            return eye.unsqueeze(0).expand(B, n_out, n_out)
+            return eye.unsqueeze(0).expand(B, n_out, n_out).reshape(B, n_out, *graph.output_shape)
         spec = spec.to(self.device, self.dtype)
         if spec.dim() != 3 or spec.shape[0] != B or spec.shape[2] != n_out:
             raise DimensionMismatchError(f"spec must be (B={B}, S, n_outputs={n_out}), got {tuple(spec.shape)}")
-        return spec
+        return spec.reshape(B, spec.shape[1], *graph.output_shape)
 
     def compute_bounds(self, lower: Tensor, upper: Tensor, spec: Optional[Tensor] = None,
                        method: str = "crown") -> tuple[Tensor, Tensor]:
@@ -111,7 +113,8 @@ class BoundedModel:
             out = ibp_bounds(graph, box)[graph.output]
             return _spec_interval(C, out)
         if method == "alpha-crown":
-            lb, ub, bounds, _ = alpha_crown(graph, box, C, self.alpha_config)
+            with torch.enable_grad():
+                lb, ub, bounds, _ = alpha_crown(graph, box, C, self.alpha_config)
         else:
             bounds = crown_bounds(graph, box, method="crown" if method == "crown" else "ibp")
             lb, ub = output_bounds(graph, box, C, bounds)
@@ -129,6 +132,7 @@ class BoundedModel:
 
 def _spec_interval(C: Tensor, out: Bounds) -> tuple[Tensor, Tensor]:
     """Interval of C y for y in [out.lower, out.upper]; C (B, S, n), out (B, n) -> (B, S) each."""
+    C = C.flatten(2)
     lo, hi = out.lower.flatten(1).unsqueeze(-1), out.upper.flatten(1).unsqueeze(-1)
     center, radius = (hi + lo) / 2, (hi - lo) / 2
     mid = torch.bmm(C, center).squeeze(-1)

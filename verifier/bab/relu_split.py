@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..bounds.alpha import AlphaConfig, alpha_crown
-from ..bounds.crown import SplitState, crown_bounds
+from ..bounds.crown import SplitState, crown_bounds, output_bounds
 from ..graph import BoundGraph
 from ..ops import Bounds, ReLU
 from ..spec import RegionSpec
@@ -118,8 +118,9 @@ class ReluSplitSearch:
 
     # ---- bounding ------------------------------------------------------------------------
     def bound(self, signs: dict[int, Tensor], reference: list[Optional[Bounds]], alphas: dict[int, Tensor],
-              betas: dict[int, Tensor]):
-        """Bound M subdomains. Returns margins (M, R), bounds, alphas, betas, record."""
+              betas: dict[int, Tensor], recompute_from: int = 0):
+        """Bound M subdomains whose splits differ from the reference's from node ``recompute_from``
+        on. Returns margins (M, R), bounds, alphas, betas, record, box."""
         M = next(iter(signs.values())).shape[0] if signs else 1
         spec = self.spec
         box = Bounds(spec.lower.unsqueeze(0).expand(M, *spec.lower.shape),
@@ -127,7 +128,7 @@ class ReluSplitSearch:
         C = spec.C.unsqueeze(0).expand(M, *spec.C.shape)
         with torch.no_grad():
             fixed = SplitState(signs, {z: b.detach() for z, b in betas.items()})
-            bounds = crown_bounds(self.graph, box, splits=fixed, reference=reference)
+            bounds = crown_bounds(self.graph, box, splits=fixed, reference=reference, recompute_from=recompute_from)
         live_betas = {z: b.detach().clone().requires_grad_(True) for z, b in betas.items()}
         splits = SplitState(signs, live_betas)
         out = self.graph.output
@@ -138,10 +139,45 @@ class ReluSplitSearch:
         alphas_out = {r: new_alphas[(out, r)][0].detach() for r in self.layout.relus if (out, r) in new_alphas}
         return lb - spec.rhs, bounds, alphas_out, {z: b.detach() for z, b in live_betas.items()}, record, box
 
-    def decide(self, bounds, record) -> Tensor:
+    def decide(self, bounds, record, signs, alphas, betas, box) -> Tensor:
+        """The neuron each domain splits next: (M,) flat index, -1 where none is unstable."""
         scores = branching_scores(self.layout, self.graph, bounds, record)
         best, index = scores.max(1)
+        if self.config.branching == "fsb" and scores.shape[1] > 1 and scores.shape[0]:
+            index = self.smart_branching(scores, bounds, signs, alphas, betas, box)
         return torch.where(torch.isfinite(best), index, torch.full_like(index, -1))
+
+    def smart_branching(self, scores, bounds, signs, alphas, betas, box) -> Tensor:
+        """Filtered smart branching: bound both children of each of the top-k BaBSR candidates
+        (CROWN with the domain's slopes and multipliers, intermediate bounds kept) in one batch and
+        pick the candidate whose worse child is best."""
+        M = scores.shape[0]
+        k = min(self.config.fsb_candidates, scores.shape[1])
+        top_scores, top = scores.topk(k, dim=1)                                  # (M, k)
+        n = M * k * 2
+        rep = torch.arange(M, device=top.device).repeat_interleave(2 * k)       # parent row of each trial
+        cand = top.repeat_interleave(2, dim=1).reshape(-1)                       # (n,)
+        sign = torch.tensor([1.0, -1.0], dtype=box.lower.dtype, device=top.device).repeat(M * k)
+        layer, local = self.layout.locate(cand)
+        trial_signs, trial_bounds = {}, [None if b is None else Bounds(b.lower[rep], b.upper[rep]) for b in bounds]
+        rows = torch.arange(n, device=top.device)
+        for pos, z in enumerate(self.layout.z_nodes):
+            s = signs[z][rep].flatten(1).clone()
+            hit = layer == pos
+            s[rows[hit], local[hit]] = sign[hit]
+            trial_signs[z] = s.view(n, *self.graph.nodes[z].shape)
+        state = SplitState(trial_signs, {z: b[rep] for z, b in betas.items()})
+        for z in self.layout.z_nodes:
+            trial_bounds[z] = state.apply(z, trial_bounds[z])
+        out = self.graph.output
+        trial_alphas = {(out, r): (a[rep], None) for r, a in alphas.items()}
+        trial_box = Bounds(box.lower[rep], box.upper[rep])
+        C = self.spec.C.unsqueeze(0).expand(n, *self.spec.C.shape)
+        with torch.no_grad():
+            lb, _ = output_bounds(self.graph, trial_box, C, trial_bounds, False, trial_alphas, state)
+        worse_child = (lb - self.spec.rhs).amax(1).view(M, k, 2).amin(2)
+        worse_child = torch.where(torch.isfinite(top_scores), worse_child, torch.full_like(worse_child, -float("inf")))
+        return top.gather(1, worse_child.argmax(1, keepdim=True)).squeeze(1)
 
     def counterexample(self, box: Bounds, margins: Tensor, record: dict[int, Tensor]) -> Optional[tuple]:
         """Try the minimiser of each domain's worst linear lower bound."""
@@ -159,12 +195,12 @@ class ReluSplitSearch:
                                 device=self.spec.lower.device) for z in self.layout.z_nodes}
         betas = {z: torch.zeros(1, 1, *self.graph.nodes[z].shape, dtype=self.spec.lower.dtype,
                                 device=self.spec.lower.device) for z in self.layout.z_nodes}
-        margins, bounds, alphas, betas, record, _ = self.bound(signs, reference, {}, betas)
+        margins, bounds, alphas, betas, record, box = self.bound(signs, reference, {}, betas)
         ids = self.records.new_ids(1)
         lower = margins.amax(1)
         self.records.add(ids, torch.full((1,), -1), torch.zeros(1, dtype=torch.long), lower,
                          self.unstable_counts(bounds), "root", region=self.region)
-        return Domains(signs, bounds, alphas, betas, lower, self.decide(bounds, record),
+        return Domains(signs, bounds, alphas, betas, lower, self.decide(bounds, record, signs, alphas, betas, box),
                        torch.zeros(1, dtype=torch.long), ids)
 
     def unstable_counts(self, bounds) -> Tensor:
@@ -216,7 +252,9 @@ class ReluSplitSearch:
             parents, rest = store.take(order[:take]), store.take(order[take:])
             try:
                 result = self.step(parents)
-            except (torch.cuda.OutOfMemoryError, MemoryError):
+            except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+                if not _is_out_of_memory(exc) or batch == 1:
+                    raise
                 batch = max(1, batch // 2)
                 self.log(f"out of memory: batch shrinks to {batch}")
                 store = Domains.cat([parents, rest])
@@ -231,7 +269,8 @@ class ReluSplitSearch:
 
     def step(self, parents: Domains):
         signs, ref, alphas, betas, layer, local = self.children(parents)
-        margins, bounds, alphas, betas, record, box = self.bound(signs, ref, alphas, betas)
+        first_split = self.layout.z_nodes[int(layer.min())]
+        margins, bounds, alphas, betas, record, box = self.bound(signs, ref, alphas, betas, first_split + 1)
         lower = margins.amax(1)
         ids = self.records.new_ids(len(lower))
         depth = torch.cat([parents.depth, parents.depth]) + 1
@@ -246,5 +285,14 @@ class ReluSplitSearch:
                                         {0: record[0][open_]} if 0 in record else {})
             if found is not None:
                 return "sat", found
-        children = Domains(signs, bounds, alphas, betas, lower, self.decide(bounds, record), depth, ids)
-        return children.take(open_.nonzero().squeeze(1))
+        keep = open_.nonzero().squeeze(1)
+        children = Domains(signs, bounds, alphas, betas, lower, torch.zeros_like(depth), depth, ids).take(keep)
+        kept_record = {key: value[keep] for key, value in record.items()}
+        kept_box = Bounds(box.lower[keep], box.upper[keep])
+        children.decision = self.decide(children.bounds, kept_record, children.signs, children.alphas,
+                                        children.betas, kept_box)
+        return children
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or "memory" in str(exc).lower()

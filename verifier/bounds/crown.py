@@ -155,13 +155,16 @@ def intersect(a: Bounds, b: Bounds) -> Bounds:
 
 def crown_bounds(graph: BoundGraph, box: Bounds, alphas: Optional[Alphas] = None,
                  splits: Optional[SplitState] = None, reference: Optional[list[Optional[Bounds]]] = None,
-                 rows: Optional[dict[int, Tensor]] = None, method: str = "crown") -> list[Optional[Bounds]]:
+                 rows: Optional[dict[int, Tensor]] = None, method: str = "crown",
+                 recompute_from: int = 0) -> list[Optional[Bounds]]:
     """Bounds of every node that a relaxation needs (others: IBP), in topological order.
 
     Each needed node gets IBP from its (already tightened) inputs, intersected with ``reference``
     bounds where given (e.g. the parent subdomain's), tightened by the split decisions, then --
     with method "crown" -- by a backward pass on the rows that are still unstable (``rows``
-    overrides that choice; alpha-CROWN keeps rows fixed while it optimises).
+    overrides that choice; alpha-CROWN keeps rows fixed while it optimises). Needed nodes before
+    ``recompute_from`` keep their reference bounds without a backward pass (branch and bound:
+    layers before the earliest new split cannot change).
     """
     needed = set(graph.needs_bounds())
     bounds: list[Optional[Bounds]] = [box]
@@ -172,7 +175,7 @@ def crown_bounds(graph: BoundGraph, box: Bounds, alphas: Optional[Alphas] = None
                 b = intersect(b, reference[i])
             if splits is not None:
                 b = splits.apply(i, b)
-            if method == "crown":
+            if method == "crown" and not (i < recompute_from and reference is not None and reference[i] is not None):
                 sel = rows[i] if rows is not None and i in rows else unstable_rows(graph, i, b)
                 if len(sel):
                     lb, ub = backward_bound(graph, i, None, None, bounds, box, alphas, splits, start_rows=sel)

@@ -78,9 +78,11 @@ class _Builder:
         device, dtype = self.device, self.dtype
         if not self.live_params:
             return self.const(getattr(module, name))
-        if hasattr(module, name + "_orig") and hasattr(module, name + "_mask"):
-            return lambda: (getattr(module, name + "_orig") * getattr(module, name + "_mask")).to(device, dtype)
-        return lambda: getattr(module, name).to(device, dtype)
+        def read():
+            if hasattr(module, name + "_orig") and hasattr(module, name + "_mask"):
+                return (getattr(module, name + "_orig") * getattr(module, name + "_mask")).to(device, dtype)
+            return getattr(module, name).to(device, dtype)
+        return read
 
     def add(self, op, inputs: tuple[Ref, ...], shape: tuple[int, ...]) -> int:
         node = self.fx_node
@@ -203,9 +205,10 @@ class _Builder:
             fn = self.callable_of(node, args, kwargs, ref)
             if key in _RELU or name in ("relu", "relu_"):
                 return self.unary(ReLU(), ref)
-            if key in _SIGMOID or name == "sigmoid":
+            if key in _SIGMOID or name == "sigmoid" or getattr(kind, "function", None) in (torch.sigmoid,):
                 return self.unary(Sigmoid(), ref)
-            if key in _TANH or name == "tanh":
+            function = getattr(kind, "function", None)
+            if key in _TANH or name == "tanh" or function in (torch.tanh, torch.Tensor.tanh):
                 return self.unary(Tanh(), ref)
             if isinstance(kind, nn.Linear):
                 return self.linear(self.live(kind, "weight"), self.live(kind, "bias"), ref)
@@ -246,6 +249,8 @@ class _Builder:
             raise DimensionMismatchError(f"{self.source}: node '{self.fx_node.name}': input of shape {shape} "
                                          f"does not fit a weight of shape {tuple(W.shape)}")
         _check_finite(self, W)
+        if bias is not None:
+            _check_finite(self, bias())
         out = (*shape[:-1], W.shape[0])
         return Ref(self.add(Linear(weight, bias), (ref,), out), ref.batched)
 
@@ -257,6 +262,8 @@ class _Builder:
             raise DimensionMismatchError(f"{self.source}: node '{self.fx_node.name}': Conv2d needs a "
                                          f"(C, H, W) input per sample, got {shape}")
         _check_finite(self, m.weight)
+        if m.bias is not None:
+            _check_finite(self, m.bias)
         op = Conv2d(self.live(m, "weight"), self.live(m, "bias"), m.stride, m.padding, m.dilation, m.groups, shape)
         out = tuple(op.forward(torch.zeros(1, *shape, device=self.device, dtype=self.dtype)).shape[1:])
         return Ref(self.add(op, (ref,), out), ref.batched)
@@ -269,19 +276,22 @@ class _Builder:
         device, dtype = self.device, self.dtype
         if not self.live_params:
             with torch.no_grad():
-                w = m.weight if m.weight is not None else torch.ones_like(m.running_var)
-                b = m.bias if m.bias is not None else torch.zeros_like(m.running_mean)
-                s = w / torch.sqrt(m.running_var + m.eps)
-                op = ElementwiseAffine(self.const(s.view(view)), self.const((b - m.running_mean * s).view(view)))
+                f64 = lambda t: t.detach().to(torch.float64)
+                w = f64(m.weight) if m.weight is not None else torch.ones_like(f64(m.running_var))
+                b = f64(m.bias) if m.bias is not None else torch.zeros_like(f64(m.running_mean))
+                s = w / torch.sqrt(f64(m.running_var) + m.eps)
+                op = ElementwiseAffine(self.const(s.view(view)), self.const((b - f64(m.running_mean) * s).view(view)))
             return Ref(self.add(op, (ref,), shape), ref.batched)
 
         def scale():
-            w = m.weight if m.weight is not None else torch.ones_like(m.running_var)
-            return (w / torch.sqrt(m.running_var + m.eps)).to(device, dtype).view(view)
+            var = m.running_var.to(device, dtype)
+            w = m.weight.to(device, dtype) if m.weight is not None else torch.ones_like(var)
+            return (w / torch.sqrt(var + m.eps)).view(view)
 
         def shift():
-            b = m.bias if m.bias is not None else torch.zeros_like(m.running_mean)
-            return b.to(device, dtype).view(view) - m.running_mean.to(device, dtype).view(view) * scale()
+            mean = m.running_mean.to(device, dtype)
+            b = m.bias.to(device, dtype) if m.bias is not None else torch.zeros_like(mean)
+            return b.view(view) - mean.view(view) * scale()
         return Ref(self.add(ElementwiseAffine(scale, shift), (ref,), shape), ref.batched)
 
     def avgpool(self, m: nn.AvgPool2d, ref: Ref) -> Ref:
@@ -356,7 +366,7 @@ class _Builder:
         return Ref(self.add(Sum(signs), (a, b), self.nodes[a.index].shape), a.batched)
 
     def concat(self, node, kind, args, kwargs) -> Ref:
-        tensors = args[0]
+        tensors = args if name_of(kind) == "OnnxConcat" else args[0]
         axis = getattr(kind, "axis", None)
         if axis is None:
             axis = kwargs.get("dim", args[1] if len(args) > 1 else 0)
@@ -377,6 +387,10 @@ class _Builder:
         shape[sample_axis] = sum(sizes)
         op = Concat(sample_axis, parts, sizes)
         return Ref(self.add(op, tuple(refs), tuple(shape)), batched)
+
+
+def name_of(kind) -> str:
+    return type(kind).__name__ if isinstance(kind, nn.Module) else getattr(kind, "__name__", str(kind))
 
 
 def _pair(v) -> tuple[int, int]:
@@ -431,7 +445,7 @@ _CONCAT_NAMES = {"OnnxConcat", "cat", "concat", "concatenate"}
 _REARRANGE_NAMES = {
     "OnnxReshape", "OnnxTranspose", "OnnxSqueezeStaticAxes", "OnnxSqueezeDynamicAxes", "OnnxUnsqueezeStaticAxes",
     "OnnxUnsqueezeDynamicAxes", "OnnxFlatten", "OnnxSlice", "OnnxSliceV9", "OnnxGather", "OnnxPadStatic",
-    "OnnxPadDynamic", "OnnxIdentity", "OnnxDropoutDynamic", "OnnxExpand",
+    "OnnxPadDynamic", "OnnxIdentity", "OnnxCopyIdentity", "OnnxDropoutDynamic", "OnnxExpand",
     "flatten", "reshape", "view", "permute", "transpose", "squeeze", "unsqueeze", "contiguous", "getitem",
     "unflatten", "pad", "narrow", "clone", "detach", "float", "to", "expand",
 }

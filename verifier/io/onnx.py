@@ -84,5 +84,7 @@ def load_onnx(path: str) -> OnnxModel:
 
 
 def onnx_bound_graph(onnx_model: OnnxModel, device: torch.device, dtype: torch.dtype) -> BoundGraph:
-    return build_graph(onnx_model.graph_module, onnx_model.input_layout, onnx_model.batched, device, dtype,
-                       os.path.basename(onnx_model.path), live_params=False)
+    from ..simplify import simplify
+    graph = build_graph(onnx_model.graph_module, onnx_model.input_layout, onnx_model.batched, device, dtype,
+                        os.path.basename(onnx_model.path), live_params=False)
+    return simplify(graph)

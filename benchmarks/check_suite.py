@@ -1,0 +1,171 @@
+"""Front-end check of VNN-COMP suites: every model loads, every spec parses and fits its model,
+and the converted model agrees with onnxruntime on the original file.
+
+    python -m benchmarks.check_suite ../shared/benchmarks/vnncomp2021/acasxu [MORE_SUITES ...]
+
+For each suite folder, each ``*instances.csv`` in it is read (``onnx,vnnlib,timeout``, paths
+relative to the folder; ``.vnnlib.gz`` is read by the parser). Per instance:
+
+1. the model loads into a bound graph (``BoundedModel``; cached per ONNX file);
+2. the spec parses with the model's sizes, ``load_vnnlib(path, n_inputs, n_outputs)``;
+3. ``--points`` points in the spec's input box (its centre and uniform random points, in at most
+   ``--regions`` regions) go through the bound graph's forward pass and through onnxruntime on
+   the original ONNX file; the largest absolute output deviation must be within
+   ``--tolerance`` · max(1, |y|).
+
+One line per failure, a summary per suite; exit status 1 if anything failed.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class SuiteReport:
+    suite: str
+    instances: int = 0
+    models: int = 0
+    failures: list[str] = field(default_factory=list)
+    max_deviation: float = 0.0
+    worst_instance: str = ""
+    load_seconds: float = 0.0
+    parse_seconds: float = 0.0
+
+
+class OnnxRuntimeModel:
+    """The original file under onnxruntime: flat inputs (n_inputs,) -> flat outputs (float64)."""
+
+    def __init__(self, path: str, input_name: str, input_layout: tuple[int, ...]):
+        import onnxruntime as ort
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        self.input_name, self.layout = input_name, input_layout
+        kind = next(i for i in self.session.get_inputs() if i.name == input_name).type
+        self.dtype = np.float64 if kind == "tensor(double)" else np.float32
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        out = self.session.run(None, {self.input_name: x.astype(self.dtype).reshape(self.layout)})[0]
+        return np.asarray(out, dtype=np.float64).reshape(-1)
+
+
+def sample_points(lower: np.ndarray, upper: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """The box centre and n - 1 uniform points: (n, n_inputs) float32, inside [lower, upper]."""
+    points = lower + (upper - lower) * rng.random((n, lower.size))
+    points[0] = (lower + upper) / 2
+    return np.clip(points.astype(np.float32), lower.astype(np.float32), upper.astype(np.float32))
+
+
+def check_instance(model, runtime, vnnlib_path: str, args, rng, report: SuiteReport, label: str) -> None:
+    from verifier.errors import VerifierError
+    from verifier.io.vnnlib import load_vnnlib
+    graph = model.graph()
+    n_inputs, n_outputs = graph.nodes[0].numel, graph.nodes[graph.output].numel
+    t0 = time.perf_counter()
+    try:
+        prop = load_vnnlib(vnnlib_path, n_inputs, n_outputs)
+    except VerifierError as exc:
+        report.failures.append(f"FAIL {label}: spec: {exc}")
+        return
+    finally:
+        report.parse_seconds += time.perf_counter() - t0
+    if not prop.regions:
+        return   # a trivially unsat property: nothing to evaluate
+    chosen = sorted({0, len(prop.regions) - 1} | set(rng.choice(len(prop.regions),
+                                                                min(args.regions, len(prop.regions)),
+                                                                replace=False).tolist()))[:args.regions]
+    for r in chosen:
+        region = prop.regions[r]
+        points = sample_points(region.lower, region.upper, args.points, rng)
+        with torch.no_grad():
+            ours = model.forward(torch.as_tensor(points).reshape(-1, *graph.input_shape))
+        ours = ours.double().reshape(len(points), -1).numpy()
+        for x, y in zip(points, ours):
+            expected = runtime(x)
+            deviation = float(np.max(np.abs(y - expected)))
+            if not np.isfinite(deviation) or deviation > args.tolerance * max(1.0, float(np.max(np.abs(expected)))):
+                report.failures.append(f"FAIL {label}: region {r}: converted model deviates from onnxruntime "
+                                       f"by {deviation:.3g}")
+                return
+            if deviation > report.max_deviation:
+                report.max_deviation, report.worst_instance = deviation, label
+
+
+def check_suite(suite_dir: str, args) -> SuiteReport:
+    from benchmarks.instances import read_instances
+    from verifier import BoundedModel
+    from verifier.errors import VerifierError
+    report = SuiteReport(os.path.basename(os.path.normpath(suite_dir)))
+    csv_files = sorted(glob.glob(os.path.join(suite_dir, "*instances.csv")))
+    if not csv_files:
+        report.failures.append(f"FAIL {suite_dir}: no *instances.csv")
+        print(report.failures[-1], flush=True)
+        return report
+    rng = np.random.default_rng(args.seed)
+    printed = 0
+    models: dict[str, object] = {}     # onnx path -> (BoundedModel, OnnxRuntimeModel) or error text
+    for csv_file in csv_files:
+        for inst in read_instances(csv_file):
+            report.instances += 1
+            label = f"{inst.benchmark} {inst.onnx} {inst.vnnlib}"
+            if inst.onnx_path not in models:
+                t0 = time.perf_counter()
+                try:
+                    model = BoundedModel(inst.onnx_path, dtype=torch.float32)
+                    runtime = OnnxRuntimeModel(inst.onnx_path, model.onnx.input_name, model.onnx.input_layout)
+                    models[inst.onnx_path] = (model, runtime)
+                except VerifierError as exc:
+                    models[inst.onnx_path] = f"model: {exc}"
+                except Exception as exc:   # onnxruntime refusing the file is a failure too
+                    models[inst.onnx_path] = f"model: {type(exc).__name__}: {exc}"
+                report.load_seconds += time.perf_counter() - t0
+                report.models += 1
+            loaded = models[inst.onnx_path]
+            if isinstance(loaded, str):
+                report.failures.append(f"FAIL {label}: {loaded}")
+                continue
+            try:
+                check_instance(*loaded, inst.vnnlib_path, args, rng, report, label)
+            except Exception as exc:   # a crash is a failure of the front end, not of this script
+                report.failures.append(f"FAIL {label}: {type(exc).__name__}: {exc}")
+            if len(report.failures) > printed:
+                print(report.failures[-1], flush=True)
+                printed = len(report.failures)
+    return report
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("suites", nargs="+", metavar="SUITE_DIR", help="folder holding *instances.csv")
+    parser.add_argument("--points", type=int, default=4, help="points per region checked (default 4)")
+    parser.add_argument("--regions", type=int, default=2, help="regions per spec checked (default 2)")
+    parser.add_argument("--tolerance", type=float, default=1e-4,
+                        help="allowed |ours - onnxruntime| / max(1, |y|) (default 1e-4)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    total_failures = 0
+    for suite in args.suites:
+        t0 = time.perf_counter()
+        report = check_suite(suite, args)
+        total_failures += len(report.failures)
+        print(f"{report.suite}: {report.instances} instances, {report.models} models, "
+              f"{len(report.failures)} failures; max |ours - onnxruntime| = {report.max_deviation:.3g}"
+              f"{f' ({report.worst_instance})' if report.worst_instance else ''}; "
+              f"model loading {report.load_seconds:.1f} s, spec parsing {report.parse_seconds:.1f} s, "
+              f"total {time.perf_counter() - t0:.1f} s", flush=True)
+    print("OK" if total_failures == 0 else f"{total_failures} FAILURES")
+    return 0 if total_failures == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Pruning methods, one file per family; each is named here once.
+
+A method turns a model (and, for data-driven methods, a ``PruneContext``) into importance
+scores, one tensor per prunable weight (larger = keep); ``pruning.sparsity.prune_by_scores``
+turns scores into ``torch.nn.utils.prune`` masks. A method also says which objective
+fine-tunes the pruned model and which schedule it runs under by default (``imp`` is magnitude
+scores under the iterative schedule with rewinding).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+from torch import nn
+
+from pruning.data import ImageData
+from pruning.errors import PruningError
+from pruning.objectives import AttackConfig, Objective
+from pruning.sparsity import Scores
+from pruning.train import TrainConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneContext:
+    """What data-driven methods need besides the model.
+
+    ``objective`` is the training regime's loss (standard or PGD); ``attack.eps`` is the radius
+    of the stability loss's input ball; ``score_training`` configures HYDRA-style score
+    learning; ``stability_weight`` weighs the ReLU-stability loss (see ``methods.stability``).
+    """
+
+    data: ImageData
+    objective: Objective
+    attack: AttackConfig
+    device: torch.device | str = "cpu"
+    dtype: torch.dtype = torch.float32
+    score_training: TrainConfig = TrainConfig(epochs=2, lr=1e-3)
+    stability_weight: float = 0.5
+    seed: int = 0
+    progress: bool = False
+
+
+ScoreFn = Callable[[nn.Module, float, str, PruneContext], Scores]
+ObjectiveFn = Callable[[nn.Module, PruneContext], Objective]
+
+
+def regime_objective(model: nn.Module, ctx: PruneContext) -> Objective:
+    """Fine-tune with the training regime's own loss."""
+    return ctx.objective
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str
+    scores: ScoreFn  # (model, sparsity, scope, ctx) -> scores
+    finetune_objective: ObjectiveFn = regime_objective
+    schedule: str = "one-shot"  # default schedule: "one-shot" or "iterative"
+
+
+def _methods() -> dict[str, Method]:
+    from pruning.methods import hydra, stability, unstructured
+
+    return {
+        "random": Method("random", unstructured.random_scores),
+        "magnitude": Method("magnitude", unstructured.magnitude_scores),
+        "imp": Method("imp", unstructured.magnitude_scores, schedule="iterative"),
+        "hydra": Method("hydra", hydra.hydra_scores),
+        "stability": Method("stability", stability.stability_scores,
+                            finetune_objective=stability.stability_objective),
+    }
+
+
+METHOD_NAMES = tuple(_methods())
+
+
+def get_method(name: str) -> Method:
+    methods = _methods()
+    if name not in methods:
+        raise PruningError(
+            f"unknown pruning method {name!r}; choose one of {', '.join(METHOD_NAMES)}")
+    return methods[name]

@@ -1,0 +1,142 @@
+"""The model zoo: ReLU MLPs and small CNNs of the kind verification papers use.
+
+Every model is an ``nn.Sequential`` of ``Normalize``, ``nn.Flatten``, ``nn.Linear``,
+``nn.Conv2d``, ``nn.BatchNorm1d/2d`` and ``nn.ReLU`` — the modules the verifier bounds, that
+torch.fx traces, and that ``pruning.export`` writes as ONNX (Sub/Div, Flatten, Gemm, Conv,
+BatchNormalization, Relu). Inputs are pixels in [0, 1] of shape ``(N, C, H, W)``; outputs are
+logits ``(N, n_classes)``.
+
+Zoo (``build_model(name, info)``):
+
+- ``mlp2x256``, ``mlp4x256``, ``mlp6x256``: VNN-COMP mnistfc shapes; ``mlp3x100``.
+- ``cnn_base``, ``cnn_wide``, ``cnn_deep``: the oval21 ``cifar_base/wide/deep_kw`` shapes
+  (conv k4 s2 p1 layers, then ``fc 100`` and the classifier); on 28×28 greyscale inputs the
+  same layers give the greyscale variants (spatial size 28 → 14 → 7).
+- ``cnn_base_bn``: ``cnn_base`` with BatchNorm after each conv (for the BN models of issue 7).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from pruning.data import DatasetInfo
+from pruning.errors import PruningError
+
+
+class Normalize(nn.Module):
+    """Per-channel input normalisation ``(x - mean) / std``; exports as ONNX Sub then Div.
+
+    mean, std: buffers of shape (1, C, 1, 1).
+    """
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, C, H, W) -> (N, C, H, W)."""
+        return (x - self.mean) / self.std
+
+
+def mlp(info: DatasetInfo, hidden: tuple[int, ...]) -> nn.Sequential:
+    """Normalize, Flatten, then ``Linear+ReLU`` per hidden width and a Linear classifier."""
+    c, h, w = info.input_shape
+    layers: list[nn.Module] = [Normalize(info.mean, info.std), nn.Flatten()]
+    width = c * h * w
+    for units in hidden:
+        layers += [nn.Linear(width, units), nn.ReLU()]
+        width = units
+    layers.append(nn.Linear(width, info.n_classes))
+    return nn.Sequential(*layers)
+
+
+def cnn(
+    info: DatasetInfo,
+    convs: tuple[tuple[int, int, int, int], ...],
+    fc: tuple[int, ...],
+    batch_norm: bool = False,
+) -> nn.Sequential:
+    """Conv layers ``(out_channels, kernel, stride, padding)`` + ReLU, then Linear layers.
+
+    With ``batch_norm`` a BatchNorm2d follows each conv (before its ReLU).
+    """
+    c, h, w = info.input_shape
+    layers: list[nn.Module] = [Normalize(info.mean, info.std)]
+    for out_channels, kernel, stride, padding in convs:
+        layers.append(nn.Conv2d(c, out_channels, kernel, stride, padding))
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(out_channels))
+        layers.append(nn.ReLU())
+        c = out_channels
+        h = (h + 2 * padding - kernel) // stride + 1
+        w = (w + 2 * padding - kernel) // stride + 1
+        if h < 1 or w < 1:
+            raise PruningError(f"input {info.input_shape} is too small for conv stack {convs}")
+    layers.append(nn.Flatten())
+    width = c * h * w
+    for units in fc:
+        layers += [nn.Linear(width, units), nn.ReLU()]
+        width = units
+    layers.append(nn.Linear(width, info.n_classes))
+    return nn.Sequential(*layers)
+
+
+_K4S2 = (4, 2, 1)
+_K3S1 = (3, 1, 1)
+
+MODELS: dict[str, Callable[[DatasetInfo], nn.Sequential]] = {
+    "mlp2x256": lambda info: mlp(info, (256, 256)),
+    "mlp4x256": lambda info: mlp(info, (256,) * 4),
+    "mlp6x256": lambda info: mlp(info, (256,) * 6),
+    "mlp3x100": lambda info: mlp(info, (100,) * 3),
+    "cnn_base": lambda info: cnn(info, ((8, *_K4S2), (16, *_K4S2)), (100,)),
+    "cnn_wide": lambda info: cnn(info, ((16, *_K4S2), (32, *_K4S2)), (100,)),
+    "cnn_deep": lambda info: cnn(
+        info, ((8, *_K4S2), (8, *_K3S1), (8, *_K3S1), (8, *_K4S2)), (100,)
+    ),
+    "cnn_base_bn": lambda info: cnn(info, ((8, *_K4S2), (16, *_K4S2)), (100,), batch_norm=True),
+}
+
+
+def build_model(name: str, info: DatasetInfo) -> nn.Sequential:
+    """A freshly initialised zoo model for ``info``'s input shape and classes."""
+    try:
+        builder = MODELS[name]
+    except KeyError:
+        raise PruningError(
+            f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}"
+        ) from None
+    return builder(info)
+
+
+def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The ``(qualified name, module)`` of every Linear and Conv2d, in module order.
+
+    Their ``weight`` is what the pruning methods mask; biases stay dense, as in the paper.
+    """
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, nn.Conv2d))
+    ]
+
+
+def flat_layers(model: nn.Module) -> list[nn.Module]:
+    """The leaf layers of a (possibly nested) ``nn.Sequential``, in order."""
+    if isinstance(model, nn.Sequential):
+        return [leaf for child in model for leaf in flat_layers(child)]
+    return [model]
+
+
+def effective_weight(module: nn.Module) -> torch.Tensor:
+    """The weight the layer computes with: ``weight_orig * weight_mask`` when pruned.
+
+    Prune's ``module.weight`` attribute is refreshed only by a forward pass, so after an
+    optimiser step it is stale; reading the reparametrisation directly is always current.
+    """
+    if hasattr(module, "weight_mask"):
+        return module.weight_orig * module.weight_mask
+    return module.weight

@@ -1,0 +1,1 @@
+"""File formats: ONNX models (onnx.py, convert.py) and VNN-LIB properties (vnnlib.py)."""
