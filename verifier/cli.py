@@ -91,10 +91,10 @@ def add_verify_parser(subparsers) -> None:
 
 
 def run_verify(args) -> int:
+    t0 = time.perf_counter()   # before the heavy imports: the timeout is wall time
     import torch
     from .bab.config import BabConfig
     from .verify import VerifyConfig, format_result, verify
-    t0 = time.perf_counter()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     model, prop = _load(args)
