@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from verifier.attack import OnnxChecker
+
 
 @dataclass
 class SuiteReport:
@@ -38,23 +40,6 @@ class SuiteReport:
     worst_instance: str = ""
     load_seconds: float = 0.0
     parse_seconds: float = 0.0
-
-
-class OnnxRuntimeModel:
-    """The original file under onnxruntime: flat inputs (n_inputs,) -> flat outputs (float64)."""
-
-    def __init__(self, path: str, input_name: str, input_layout: tuple[int, ...]):
-        import onnxruntime as ort
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        self.input_name, self.layout = input_name, input_layout
-        kind = next(i for i in self.session.get_inputs() if i.name == input_name).type
-        self.dtype = np.float64 if kind == "tensor(double)" else np.float32
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        out = self.session.run(None, {self.input_name: x.astype(self.dtype).reshape(self.layout)})[0]
-        return np.asarray(out, dtype=np.float64).reshape(-1)
 
 
 def sample_points(lower: np.ndarray, upper: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -111,7 +96,7 @@ def check_suite(suite_dir: str, args) -> SuiteReport:
         return report
     rng = np.random.default_rng(args.seed)
     printed = 0
-    models: dict[str, object] = {}     # onnx path -> (BoundedModel, OnnxRuntimeModel) or error text
+    models: dict[str, object] = {}     # onnx path -> (BoundedModel, OnnxChecker) or error text
     for csv_file in csv_files:
         for inst in read_instances(csv_file):
             report.instances += 1
@@ -120,7 +105,7 @@ def check_suite(suite_dir: str, args) -> SuiteReport:
                 t0 = time.perf_counter()
                 try:
                     model = BoundedModel(inst.onnx_path, dtype=torch.float32)
-                    runtime = OnnxRuntimeModel(inst.onnx_path, model.onnx.input_name, model.onnx.input_layout)
+                    runtime = OnnxChecker(inst.onnx_path, model.onnx.input_name, model.onnx.input_layout)
                     models[inst.onnx_path] = (model, runtime)
                 except VerifierError as exc:
                     models[inst.onnx_path] = f"model: {exc}"

@@ -113,8 +113,7 @@ class BoundedModel:
             out = ibp_bounds(graph, box)[graph.output]
             return _spec_interval(C, out)
         if method == "alpha-crown":
-            with torch.enable_grad():
-                lb, ub, bounds, _ = alpha_crown(graph, box, C, self.alpha_config)
+            lb, ub, bounds, _ = alpha_crown(graph, box, C, self.alpha_config)
         else:
             bounds = crown_bounds(graph, box, method="crown" if method == "crown" else "ibp")
             lb, ub = output_bounds(graph, box, C, bounds)

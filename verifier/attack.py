@@ -2,6 +2,7 @@
 check of a candidate counterexample on the original ONNX file with onnxruntime."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -27,7 +28,6 @@ def pgd_attack(forward: Callable[[Tensor], Tensor], spec: RegionSpec, config: At
     Every (restart, disjunct) pair descends on the disjunct's worst margin (max over its rows);
     the first point at which all rows of a disjunct are <= 0 is returned, shape (*in), else None.
     """
-    import time
     lo, hi = spec.lower.unsqueeze(0), spec.upper.unsqueeze(0)
     K = spec.n_disjuncts
     gen = torch.Generator(device="cpu").manual_seed(config.seed)
@@ -73,9 +73,12 @@ class OnnxChecker:
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         self.input_name, self.layout = input_name, input_layout
         self.output_name = self.session.get_outputs()[0].name
+        kind = next(i for i in self.session.get_inputs() if i.name == input_name).type
+        self.dtype = np.float64 if kind == "tensor(double)" else np.float32
 
-    def __call__(self, x32: np.ndarray) -> np.ndarray:
-        out = self.session.run([self.output_name], {self.input_name: x32.reshape(self.layout)})[0]
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """x: flat input (float32 values, exact in either input dtype) -> flat float64 outputs."""
+        out = self.session.run([self.output_name], {self.input_name: x.astype(self.dtype).reshape(self.layout)})[0]
         return np.asarray(out, dtype=np.float64).reshape(-1)
 
 

@@ -86,6 +86,11 @@ def alpha_crown(graph: BoundGraph, box: Bounds, C: Tensor, config: AlphaConfig =
         with torch.no_grad():
             lb, ub = output_bounds(graph, box, C, initial, need_upper, splits=splits, record=record)
         return lb, ub, initial, alphas
+    with torch.enable_grad():   # the slopes are optimised by gradient even under a caller's no_grad
+        return _optimise(graph, box, C, config, need_upper, initial, splits, alphas, params, betas, rows, record)
+
+
+def _optimise(graph, box, C, config, need_upper, initial, splits, alphas, params, betas, rows, record):
     optimizer = torch.optim.Adam(params, lr=config.lr)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, config.lr_decay)
     best_lb = best_ub = None
