@@ -281,36 +281,10 @@ def onnx_model_path(name: str) -> Path:
     return path
 
 
-
 # ---- verifier bugs still open -----------------------------------------------------------------
 # A test module lists the tests that expose an open bug in ``KNOWN_BUGS = {pattern: reason}``
 # (pattern: the test item's name, ``*`` matching anything). They are marked
 # xfail(strict=True), so a fix shows up as XPASS: then delete the entry.
-BUG_FLAT_SPEC = ("bug: verifier/api.py compute_bounds hands the spec to output_bounds/alpha_crown as "
-                 "(B, S, n_out), they need (B, S, *output_shape): CROWN crashes on a non-flat output "
-                 "produced by Conv2d, Linear on a 3-D value, ElementwiseAffine, ReLU")
-BUG_BN_FLOAT64 = ("bug: verifier/io/convert.py batchnorm() computes w / sqrt(var + eps) in the module's "
-                  "float32 and casts afterwards: dtype=float64 forward and bounds are off by ~1e-7")
-BUG_SIZE = ("bug: verifier/io/convert.py has no rule for x.size() of a perturbed value (a static shape): "
-            "the idiom x.view(x.size(0), -1) is rejected as an unsupported operator")
-BUG_LEAF_ROOT = ("bug: verifier/io/convert.py: a bare nn.Linear / nn.Conv2d as the model traces to "
-                 "F.linear / F.conv2d call_function nodes, which are rejected as unsupported")
-BUG_NO_GRAD = ("bug: verifier/bounds/alpha.py optimises the slopes without torch.enable_grad(): "
-               "alpha-CROWN raises RuntimeError under torch.no_grad() when a ReLU is unstable")
-BUG_PRUNE_REMOVE = ("bug: verifier/io/convert.py live() chooses weight_orig * weight_mask once, at graph "
-                    "build: after prune.remove() compute_bounds raises AttributeError: no weight_orig")
-BUG_NONFINITE = ("bug: verifier/io/convert.py checks only Linear/Conv weight matrices for non-finite "
-                 "values: an inf/NaN bias or BatchNorm statistic gives NaN bounds, no ModelValueError")
-BUG_CONV_SHAPE = ("bug: verifier/io/convert.py conv() runs F.conv2d on the given shape unchecked: a channel "
-                  "mismatch raises torch's RuntimeError, not DimensionMismatchError")
-BUG_ONNX_TANH = ("bug: verifier/io/convert.py does not recognise onnx2torch's OnnxFunction(torch.tanh): "
-                 "every ONNX Tanh is rejected as an unsupported operator")
-BUG_ONNX_IDENTITY = ("bug: verifier/io/convert.py does not recognise onnx2torch's OnnxCopyIdentity: "
-                     "ONNX Identity (listed in SUPPORTED_OPS) is rejected")
-BUG_ONNX_CONCAT = ("bug: verifier/io/convert.py concat() reads args[0] as the list of tensors; onnx2torch's "
-                   "OnnxConcat takes them as *args: TypeError 'Ref' object is not iterable")
-BUG_RELU_SHAPES = ("bug: verifier/simplify.py removes dead neurons of ONNX models, so relu_bounds no longer "
-                   "have each ReLU layer's shape (pruned 8- and 6-wide layers give 5 and 4)")
 
 
 def _pattern(glob: str) -> re.Pattern:

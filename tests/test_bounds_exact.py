@@ -19,8 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy.optimize import linprog
 
-from conftest import (BUG_BN_FLOAT64, BUG_FLAT_SPEC, DTYPES, METHODS, Lambda, assert_close, assert_le, dtype_id,
-                      generator, init_, random_spec, sample_box)
+from conftest import (DTYPES, METHODS, Lambda, assert_close, assert_le, dtype_id, generator, init_,
+                      random_spec, sample_box)
 from verifier import BoundedModel
 
 
@@ -80,8 +80,6 @@ AFFINE_MODELS = {
 IBP_NOT_EXACT = {"branches_add_sub_concat_pad"}
 
 
-KNOWN_BUGS = {
-}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)

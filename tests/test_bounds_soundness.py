@@ -13,9 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.utils.prune as prune
 
-from conftest import (BUG_BN_FLOAT64, BUG_CONV_SHAPE, BUG_LEAF_ROOT, BUG_NO_GRAD, BUG_NONFINITE, BUG_PRUNE_REMOVE,
-                      METHODS, Case, assert_close, assert_contains, assert_le, case_params, check_contains_samples, check_forward,
-                      check_ordering, generator, init_, random_box, random_spec)
+from conftest import (METHODS, Case, assert_close, assert_contains, assert_le, case_params,
+                      check_contains_samples, check_forward, check_ordering, generator, init_, random_box,
+                      random_spec)
 from verifier import BoundedModel
 from verifier.errors import DimensionMismatchError, ModelValueError
 
@@ -123,11 +123,6 @@ NETWORK_CASES = [
 ]
 
 
-KNOWN_BUGS = {
-    "test_non_finite_weights_raise_model_value_error[batchnorm_running_var_nan]": BUG_NONFINITE,
-    "test_wrong_input_channels_of_conv_module_raise_dimension_mismatch": BUG_CONV_SHAPE,
-    "test_bare_leaf_module_as_model_is_bounded[*]": BUG_LEAF_ROOT,
-}
 
 
 @pytest.mark.parametrize("case, dtype, method", case_params(NETWORK_CASES, methods=True))

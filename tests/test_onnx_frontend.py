@@ -17,9 +17,8 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from conftest import (BUG_NONFINITE, BUG_ONNX_CONCAT, BUG_ONNX_IDENTITY, BUG_ONNX_TANH, BUG_RELU_SHAPES, DTYPES,
-                      METHODS, apply_spec, assert_close, assert_contains, assert_le, dtype_id, generator,
-                      onnx_model_path, random_box, random_spec, sample_box)
+from conftest import (DTYPES, METHODS, apply_spec, assert_close, assert_contains, assert_le, dtype_id,
+                      generator, onnx_model_path, random_box, random_spec, sample_box)
 from verifier import BoundedModel
 from verifier.errors import DimensionMismatchError, InputFileError, ModelValueError, UnsupportedOperatorError
 
@@ -41,9 +40,6 @@ ONNX_MODELS = {
     "squeeze_transpose_matmul_batch1.onnx": ((1, 3, 4), "batch1"),
 }
 
-KNOWN_BUGS = {
-    "test_onnx_relu_bounds_have_the_shape_of_each_relu_layer": BUG_RELU_SHAPES,
-}
 
 
 def onnxruntime_outputs(name: str, points: torch.Tensor) -> torch.Tensor:
@@ -168,6 +164,32 @@ def test_onnx_relu_bounds_have_the_shape_of_each_relu_layer():
     for method in ("ibp", "crown"):
         shapes = [(tuple(l.shape), tuple(u.shape)) for l, u in bm.relu_bounds(lower, upper, method=method)]
         assert shapes == [((2, 8), (2, 8)), ((2, 6), (2, 6))], f"{method}: {shapes}"
+
+
+def test_onnx_relu_bounds_of_removed_dead_neurons_contain_samples_and_equal_unsimplified_ibp():
+    from verifier.bounds.ibp import ibp_bounds
+    from verifier.io.convert import build_graph
+    from verifier.ops.base import Bounds
+    bm = BoundedModel(onnx_model_path("pruned_mlp_symbolic_batch.onnx"), dtype=torch.float64)
+    assert bm.graph().removed, "the pruned test model should lose dead neurons in simplification"
+    m = bm.onnx
+    full = build_graph(m.graph_module, m.input_layout, m.batched, torch.device("cpu"), torch.float64, "full",
+                       live_params=False)
+    lower, upper = random_box((5,), 2, generator(66))
+    full_ibp = ibp_bounds(full, Bounds(lower, upper))
+    relus = full.relu_nodes()
+    points = sample_box(lower, upper, generator(67))                  # (2, m, 5)
+    m_points = points.shape[1]
+    values = full.forward(points.flatten(0, 1), keep=True)
+    for method in ("ibp", "crown"):
+        for r, (l, u) in zip(relus, bm.relu_bounds(lower, upper, method=method)):
+            pre = values[full.nodes[r].inputs[0]].reshape(2, m_points, -1)
+            assert_le(l.unsqueeze(1).expand_as(pre), pre, torch.float64, f"{method} lower")
+            assert_le(pre, u.unsqueeze(1).expand_as(pre), torch.float64, f"{method} upper")
+            if method == "ibp":
+                ref = full_ibp[full.nodes[r].inputs[0]]
+                torch.testing.assert_close(l, ref.lower, rtol=1e-9, atol=1e-9)
+                torch.testing.assert_close(u, ref.upper, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("name", ["gemm_mlp_symbolic_batch.onnx", "conv_pool_nhwc_batch1.onnx",

@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import (BUG_BN_FLOAT64, BUG_FLAT_SPEC, BUG_SIZE, DTYPES, Case, Lambda, assert_le, case_params,
-                      check_contains_samples, check_forward, check_ordering, dtype_id, generator, init_)
+from conftest import (DTYPES, Case, Lambda, assert_le, case_params, check_contains_samples, check_forward,
+                      check_ordering, dtype_id, generator, init_)
 from verifier import BoundedModel
 from verifier.ops import Bounds, ReLU, Sigmoid, Tanh
 
@@ -138,9 +138,6 @@ _FLAT_SPEC_CASES = ["avgpool_k2", "avgpool_pad_count_include_pad", "avgpool_pad_
                     "conv_1x1_no_bias", "conv_depthwise_rect_kernel_stride", "conv_dilation2_pad2", "conv_groups2",
                     "conv_stride2_pad1", "conv_stride3_unreached_rows", "input_normalisation",
                     "linear_on_last_dim_of_3d", "matmul_right_constant_3d", "relu_functional_3d"]
-KNOWN_BUGS = {
-    "*[view_by_batch_size-*]": BUG_SIZE,
-}
 
 
 @pytest.mark.parametrize("case, dtype, method", case_params(OP_CASES, methods=True))

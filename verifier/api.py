@@ -61,7 +61,10 @@ class BoundedModel:
         key = tuple(input_shape)
         if key not in self._graphs:
             try:
-                gm = fx.symbolic_trace(self.module)
+                # A bare leaf (nn.Linear, nn.Conv2d, ...) would be traced into F.linear etc.;
+                # wrapped, it stays one module whose parameters are read live.
+                leaf = fx.Tracer().is_leaf_module(self.module, "")
+                gm = fx.symbolic_trace(nn.Sequential(self.module) if leaf else self.module)
             except Exception as exc:
                 raise UnsupportedOperatorError(f"{type(self.module).__name__}: torch.fx cannot trace the module: "
                                                f"{exc}") from None
@@ -121,12 +124,21 @@ class BoundedModel:
         return torch.maximum(lb, ibp_lb), torch.minimum(ub, ibp_ub)
 
     def relu_bounds(self, lower: Tensor, upper: Tensor, method: str = "ibp") -> list[tuple[Tensor, Tensor]]:
-        """Pre-activation bounds of every ReLU, in graph order: list of (l, u), each (B, *shape)."""
+        """Pre-activation bounds of every ReLU, in graph order: list of (l, u), each (B, *shape) with
+        the source model's layer shape. Neurons that simplification removed from a pruned ONNX
+        model (see ``verifier.simplify``) get interval bounds from their layer's input bounds."""
         if method not in ("ibp", "crown"):
             raise ValueError(f"relu_bounds method must be 'ibp' or 'crown', got {method!r}")
         graph, box = self._box(lower, upper)
         bounds = ibp_bounds(graph, box) if method == "ibp" else crown_bounds(graph, box)
-        return [tuple(bounds[graph.nodes[r].inputs[0]]) for r in graph.relu_nodes()]
+        result = []
+        for r in graph.relu_nodes():
+            z = graph.nodes[r].inputs[0]
+            lower_z, upper_z = bounds[z]
+            if z in graph.removed:   # neurons dropped by simplification: back in the layer's shape
+                lower_z, upper_z = graph.removed[z].expand(lower_z, upper_z, *bounds[graph.nodes[z].inputs[0]])
+            result.append((lower_z, upper_z))
+        return result
 
 
 def _spec_interval(C: Tensor, out: Bounds) -> tuple[Tensor, Tensor]:

@@ -31,11 +31,42 @@ class Node:
         return n
 
 
+@dataclass(frozen=True)
+class RemovedNeurons:
+    """Neurons of a Linear layer that simplification dropped (constant or without effect on the
+    output). Kept so that per-layer reports still speak of the source model's layer.
+
+    kept: (n_kept,) and dropped: (n_dropped,) neuron indices in the source layer;
+    weight: (n_dropped, n_in) and bias: (n_dropped,) their incoming weights.
+    """
+
+    size: int
+    kept: Tensor
+    dropped: Tensor
+    weight: Tensor
+    bias: Tensor
+
+    def expand(self, lower: Tensor, upper: Tensor, in_lower: Tensor, in_upper: Tensor) -> tuple[Tensor, Tensor]:
+        """Source-layer pre-activation bounds: lower, upper (B, n_kept) from the graph; the dropped
+        neurons get interval bounds from the layer input's bounds in_lower, in_upper (B, n_in).
+        Returns (B, size) each."""
+        center, radius = (in_upper + in_lower) / 2, (in_upper - in_lower) / 2
+        mid = center @ self.weight.t() + self.bias
+        rad = radius @ self.weight.abs().t()
+        full_lower = lower.new_empty(lower.shape[0], self.size)
+        full_upper = upper.new_empty(upper.shape[0], self.size)
+        full_lower[:, self.kept], full_upper[:, self.kept] = lower, upper
+        full_lower[:, self.dropped], full_upper[:, self.dropped] = mid - rad, mid + rad
+        return full_lower, full_upper
+
+
 @dataclass
 class BoundGraph:
     nodes: list[Node]
     output: int
     consumers: list[list[int]] = field(default_factory=list)
+    # Linear node index -> its neurons removed by simplification (see RemovedNeurons).
+    removed: dict[int, RemovedNeurons] = field(default_factory=dict)
 
     def __post_init__(self):
         self.consumers = [[] for _ in self.nodes]

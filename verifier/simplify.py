@@ -5,14 +5,14 @@
 - Pruned networks: a hidden neuron of a Linear -> ReLU -> Linear chain whose incoming weights
   are all zero is a constant; its value moves into the next layer's bias and the neuron is
   removed. A neuron whose outgoing weights are all zero is removed too. The bound passes then
-  never spend dense work on them.
+  never spend dense work on them; ``BoundGraph.removed`` remembers them for per-layer reports.
 Only constant weights are rewritten (ONNX models); live module parameters are left alone.
 """
 from __future__ import annotations
 
 import torch
 
-from .graph import BoundGraph, Node
+from .graph import BoundGraph, Node, RemovedNeurons
 from .ops import Conv2d, ElementwiseAffine, Linear, ReLU
 
 
@@ -93,6 +93,8 @@ def _remove_dead_neurons(graph: BoundGraph) -> None:
         if not bool(drop.any()) or bool(drop.all()):
             continue
         alive = ~drop
+        graph.removed[z] = RemovedNeurons(W1.shape[0], alive.nonzero().flatten(), drop.nonzero().flatten(),
+                                          W1[drop], b1[drop])
         b2 = b2 + W2[:, dead_in & ~dead_out] @ torch.relu(b1[dead_in & ~dead_out])
         first.weight, first.bias = _const(W1[alive]), _const(b1[alive])
         second.weight, second.bias = _const(W2[:, alive]), _const(b2)

@@ -203,6 +203,9 @@ class _Builder:
         if len(set(refs)) == 1:
             ref = refs[0]
             fn = self.callable_of(node, args, kwargs, ref)
+            if _is_shape_query(node, args):
+                # x.size(0), x.shape, x.dim(): static per layout, so a constant of the graph.
+                return fn(torch.zeros(self.layout(ref)))
             if key in _RELU or name in ("relu", "relu_"):
                 return self.unary(ReLU(), ref)
             if key in _SIGMOID or name == "sigmoid" or getattr(kind, "function", None) in (torch.sigmoid,):
@@ -256,11 +259,11 @@ class _Builder:
 
     def conv(self, m: nn.Conv2d, ref: Ref) -> Ref:
         shape = self.nodes[ref.index].shape
-        if len(shape) != 3 or m.padding_mode != "zeros" or isinstance(m.padding, str):
-            if isinstance(m.padding, str) or m.padding_mode != "zeros":
-                raise self.fail(f"padding {m.padding!r} / mode {m.padding_mode!r} is not supported")
+        if isinstance(m.padding, str) or m.padding_mode != "zeros":
+            raise self.fail(f"padding {m.padding!r} / mode {m.padding_mode!r} is not supported")
+        if len(shape) != 3 or shape[0] != m.in_channels:
             raise DimensionMismatchError(f"{self.source}: node '{self.fx_node.name}': Conv2d needs a "
-                                         f"(C, H, W) input per sample, got {shape}")
+                                         f"({m.in_channels}, H, W) input per sample, got {shape}")
         _check_finite(self, m.weight)
         if m.bias is not None:
             _check_finite(self, m.bias)
@@ -272,6 +275,12 @@ class _Builder:
         shape = self.nodes[ref.index].shape
         if m.running_mean is None or not ref.batched:
             raise self.fail("BatchNorm needs running statistics and a batched (N, C, ...) input")
+        if not shape or shape[0] != m.num_features:
+            raise DimensionMismatchError(f"{self.source}: node '{self.fx_node.name}': BatchNorm of "
+                                         f"{m.num_features} channels applied to a per-sample shape {shape}")
+        for t in (m.weight, m.bias, m.running_mean, m.running_var):
+            if t is not None:
+                _check_finite(self, t)
         view = (-1,) + (1,) * (len(shape) - 1)
         device, dtype = self.device, self.dtype
         if not self.live_params:
@@ -427,6 +436,12 @@ def _replace_refs(obj, ref: Ref, x: Tensor):
     if isinstance(obj, dict):
         return {k: _replace_refs(v, ref, x) for k, v in obj.items()}
     return obj
+
+
+def _is_shape_query(node: fx.Node, args) -> bool:
+    if node.op == "call_method":
+        return node.target in ("size", "dim")
+    return node.target is getattr and len(args) == 2 and args[1] in ("shape", "ndim")
 
 
 def _is_affine_math(kind) -> bool:
