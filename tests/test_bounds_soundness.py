@@ -15,7 +15,7 @@ import torch.nn.utils.prune as prune
 
 from conftest import (METHODS, Case, assert_close, assert_contains, assert_le, case_params,
                       check_contains_samples, check_forward, check_ordering, generator, init_, random_box,
-                      random_spec)
+                      random_spec, sample_box)
 from verifier import BoundedModel
 from verifier.errors import DimensionMismatchError, ModelValueError
 
@@ -162,6 +162,36 @@ def test_bounds_of_a_box_alone_equal_its_bounds_inside_a_batch(method):
         assert_close(ub_i.detach(), ub[i:i + 1].detach(), torch.float64, f"{method} upper, box {i}")
 
 
+@pytest.mark.parametrize("net", ["mlp", "cnn"])
+def test_crown_on_each_boxs_own_unstable_neurons_equals_bounds_of_the_box_alone(net, monkeypatch):
+    """Large batches bound each box's own unstable neurons (grouped by count), not every neuron
+    unstable in some box: the result must equal each box bounded alone, and contain samples."""
+    import verifier.bounds.crown as crown
+    rng = generator(13)
+    if net == "mlp":
+        model, shape = _mlp(rng, sizes=(6, 24, 24, 24, 3)), (6,)
+    else:
+        model = init_(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                                    nn.Flatten(), nn.Linear(64, 3)), rng)
+        shape = (1, 6, 6)
+    # radii from tiny to large: few unstable neurons in some boxes, many in others
+    lower, upper = random_box(shape, 24, rng, radius=(0.01, 0.6))
+    bm = BoundedModel(model, dtype=torch.float64)
+    calls = []
+    grouped = crown._crown_per_sample_rows
+    monkeypatch.setattr(crown, "_crown_per_sample_rows", lambda *a: calls.append(grouped(*a)) or calls[-1])
+    lb, ub = bm.compute_bounds(lower, upper, method="crown")
+    assert any(c is not None for c in calls), "the grouped per-box path was not taken"
+    for i in range(len(lower)):
+        lb_i, ub_i = bm.compute_bounds(lower[i:i + 1], upper[i:i + 1], method="crown")
+        assert_close(lb_i, lb[i:i + 1], torch.float64, f"lower, box {i}")
+        assert_close(ub_i, ub[i:i + 1], torch.float64, f"upper, box {i}")
+    points = sample_box(lower, upper, rng)                                # (B, m, *shape)
+    out = model.double()(points.flatten(0, 1)).reshape(len(lower), points.shape[1], -1)
+    assert_le(lb.unsqueeze(1).expand_as(out), out, torch.float64, "lower")
+    assert_le(out, ub.unsqueeze(1).expand_as(out), torch.float64, "upper")
+
+
 # ---- pruning masks ----------------------------------------------------------------------------
 def _pruned_pair(rng):
     """A conv+MLP model pruned with torch.nn.utils.prune, and a copy with the zeros written in."""
@@ -188,6 +218,32 @@ def test_bounds_of_pruned_module_equal_bounds_with_zeros_written_in(method):
     want = BoundedModel(dense, dtype=torch.float64).compute_bounds(lower, upper, method=method)
     for g, w, side in zip(got, want, ("lower", "upper")):
         assert_close(g.detach(), w.detach(), torch.float64, f"{method} {side}")
+
+
+def test_bounds_of_pruned_batchnorm_follow_weight_orig_without_a_forward_pass():
+    """A pruned BatchNorm's gamma/beta are weight_orig * weight_mask at every call, not the value
+    the last forward pass left in .weight (which goes stale after an optimiser step)."""
+    rng = generator(14)
+    model = init_(nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+                                nn.Linear(12, 2)), rng).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.5, 0.5, generator=rng)
+        model[1].running_var.uniform_(0.5, 2.0, generator=rng)
+    prune.custom_from_mask(model[1], "weight", torch.tensor([1.0, 0.0, 1.0]))
+    prune.custom_from_mask(model[1], "bias", torch.tensor([1.0, 0.0, 1.0]))
+    lower, upper = random_box((1, 4, 4), 2, rng)
+    bm = BoundedModel(model, dtype=torch.float64)
+    bm.compute_bounds(lower, upper)
+    with torch.no_grad():   # an optimiser step: no forward pass refreshes .weight / .bias
+        model[1].weight_orig.mul_(3.0)
+        model[1].bias_orig.add_(1.0)
+    points = sample_box(lower, upper, rng)
+    model.double()
+    out = model(points.flatten(0, 1)).reshape(2, points.shape[1], -1)   # the forward refreshes them
+    for method in METHODS:
+        lb, ub = bm.compute_bounds(lower, upper, method=method)
+        assert_le(lb.unsqueeze(1).expand_as(out), out, torch.float64, f"{method} lower")
+        assert_le(out, ub.unsqueeze(1).expand_as(out), torch.float64, f"{method} upper")
 
 
 def test_bounds_follow_pruning_applied_after_construction():

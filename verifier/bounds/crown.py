@@ -43,22 +43,61 @@ class SplitState:
 
 def concretize(lA: Optional[Tensor], uA: Optional[Tensor], lbias, ubias, box: Bounds):
     """Bounds of ``A x + bias`` over the box. lA, uA: (N, S, *in_shape) -> lb, ub: (N, S)."""
-    center = ((box.upper + box.lower) / 2).flatten(1).unsqueeze(-1)   # (N, d, 1)
-    radius = ((box.upper - box.lower) / 2).flatten(1).unsqueeze(-1)
-    lb = ub = None
-    if lA is not None:
-        A = lA.flatten(2)
-        lb = torch.bmm(A, center).squeeze(-1) - torch.bmm(A.abs(), radius).squeeze(-1) + lbias
-    if uA is not None:
-        A = uA.flatten(2)
-        ub = torch.bmm(A, center).squeeze(-1) + torch.bmm(A.abs(), radius).squeeze(-1) + ubias
+    center = ((box.upper + box.lower) / 2).flatten(1)   # (N, d)
+    radius = ((box.upper - box.lower) / 2).flatten(1)
+    lb = None if lA is None else _linear_over_box(lA.flatten(2), center, radius, -1.0) + lbias
+    ub = None if uA is None else _linear_over_box(uA.flatten(2), center, radius, 1.0) + ubias
     return lb, ub
 
 
+def _linear_over_box(A: Tensor, center: Tensor, radius: Tensor, sign: float) -> Tensor:
+    """``A c + sign |A| r`` per sample: A (N, S, d), center, radius (N, d) -> (N, S). A matrix
+    shared by every sample (an expanded view, stride 0) is used once, not materialised N times."""
+    if A.shape[0] > 1 and A.stride(0) == 0:
+        A0 = A[0]
+        return center @ A0.t() + sign * (radius @ A0.abs().t())
+    return torch.bmm(A, center.unsqueeze(-1)).squeeze(-1) + sign * torch.bmm(A.abs(), radius.unsqueeze(-1)).squeeze(-1)
+
+
+# Elements of one chunk of ``A W`` in _linear_then_box: small enough to stay in cache.
+_CHUNK_ELEMENTS = 1 << 20
+
+
+def _linear_then_box(lA: Optional[Tensor], uA: Optional[Tensor], op: Linear, box: Bounds):
+    """Bounds over the box of ``A (W x + b)`` for a Linear op applied to the input itself, without
+    materialising ``A W`` (N, S, d) at once: it is formed a chunk of samples at a time and
+    concretised at once, which is what the last step of every backward pass costs.
+    lA, uA: (N, S, out) or None; box: (N, d) -> lb, ub (N, S) or None."""
+    W = op.weight()
+    bias = op.bias() if op.bias is not None else None
+    center = ((box.upper + box.lower) / 2).flatten(1)
+    radius = ((box.upper - box.lower) / 2).flatten(1)
+
+    def bound(A: Tensor, sign: float) -> Tensor:
+        offset = 0.0 if bias is None else A.matmul(bias)
+        if A.shape[0] > 1 and A.stride(0) == 0:
+            return _linear_over_box((A[0] @ W).unsqueeze(0).expand(A.shape[0], -1, -1), center, radius, sign) + offset
+        N, S = A.shape[:2]
+        step = max(1, _CHUNK_ELEMENTS // max(1, S * W.shape[1]))
+        out = torch.empty(N, S, dtype=A.dtype, device=A.device)
+        for n in range(0, N, step):
+            AW = A[n:n + step].matmul(W)                                   # (n_c, S, d)
+            part = torch.bmm(AW, center[n:n + step].unsqueeze(-1))
+            part += sign * torch.bmm(AW.abs_(), radius[n:n + step].unsqueeze(-1))
+            out[n:n + step] = part.squeeze(-1)
+        return out + offset
+
+    return (None if lA is None else bound(lA, -1.0)), (None if uA is None else bound(uA, 1.0))
+
+
 def _start_A(graph: BoundGraph, start: int, rows: Tensor, N: int, dtype, device):
-    """Identity rows ``rows`` of node ``start``: (N, S, *shape) one-hot coefficients."""
+    """Identity rows of node ``start``, rows (S,) shared or (N, S) per sample: (N, S, *shape)
+    one-hot coefficients."""
     shape = graph.nodes[start].shape
     numel = graph.nodes[start].numel
+    if rows.dim() == 2:
+        eye = torch.zeros(*rows.shape, numel, dtype=dtype, device=device)
+        return eye.scatter_(2, rows.unsqueeze(-1), 1.0).reshape(*rows.shape, *shape)
     eye = torch.zeros(len(rows), numel, dtype=dtype, device=device)
     eye[torch.arange(len(rows), device=device), rows] = 1
     return eye.reshape(1, len(rows), *shape).expand(N, len(rows), *shape)
@@ -71,7 +110,8 @@ def backward_bound(graph: BoundGraph, start: int, lA: Optional[Tensor], uA: Opti
     """Bound linear functions of node ``start``'s value over the input box.
 
     lA, uA: (N, S, *shape_start) objectives for the lower / upper bound (either may be None);
-    or, with ``start_rows`` (S,) long, the identity rows of the node (lA, uA then ignored).
+    or, with ``start_rows`` long, the identity rows of the node (lA, uA then ignored): (S,) rows
+    shared by every sample, or (N, S) rows of each sample.
     bounds: per node, Bounds (N, *shape) wherever a relaxation needs them.
     Returns lb, ub: (N, S) (None for a side not asked for). With ``record``, the lower-side
     coefficients reaching every ReLU node (N, S, *shape) and the input (key 0) are stored there
@@ -89,13 +129,13 @@ def backward_bound(graph: BoundGraph, start: int, lA: Optional[Tensor], uA: Opti
         if isinstance(op, Linear) and len(graph.nodes[start].shape) == 1:
             # identity rows of a Linear output are rows of W: skip the one-hot product
             W = op.weight()[start_rows]
-            A = W.unsqueeze(0).expand(N, *W.shape)
+            A = W if start_rows.dim() == 2 else W.unsqueeze(0).expand(N, *W.shape)
             first = graph.nodes[start].inputs[0]
             acc_l[first] = A if want_l else None
             acc_u[first] = A if want_u else None
             if op.bias is not None:
-                b = op.bias()[start_rows].unsqueeze(0)
-                lbias, ubias = b, b
+                b = op.bias()[start_rows]
+                lbias = ubias = b if start_rows.dim() == 2 else b.unsqueeze(0)
         else:
             A = _start_A(graph, start, start_rows, N, box.lower.dtype, box.lower.device)
             acc_l[start] = A if want_l else None
@@ -116,6 +156,11 @@ def backward_bound(graph: BoundGraph, start: int, lA: Optional[Tensor], uA: Opti
             lA_i = None if lA_i is None else lA_i - term
             uA_i = None if uA_i is None else uA_i + term
         node = graph.nodes[i]
+        if record is None and isinstance(node.op, Linear) and node.inputs == (0,) and len(graph.input_shape) == 1:
+            direct = _linear_then_box(lA_i, uA_i, node.op, box)
+            lbias = lbias if direct[0] is None else lbias + direct[0]
+            ubias = ubias if direct[1] is None else ubias + direct[1]
+            continue
         if record is not None and isinstance(node.op, ReLU) and lA_i is not None:
             record[i] = lA_i
         kwargs = {}
@@ -130,7 +175,7 @@ def backward_bound(graph: BoundGraph, start: int, lA: Optional[Tensor], uA: Opti
             if u_j is not None:
                 acc_u[j] = u_j if j not in acc_u or acc_u[j] is None else acc_u[j] + u_j
     lA0, uA0 = acc_l.get(0), acc_u.get(0)
-    if want_l and lA0 is None:  # the objective does not depend on the input
+    if want_l and lA0 is None:  # no (further) dependence on the input
         lA0 = torch.zeros(N, 1, *graph.input_shape, dtype=box.lower.dtype, device=box.lower.device)
     if want_u and uA0 is None:
         uA0 = torch.zeros(N, 1, *graph.input_shape, dtype=box.lower.dtype, device=box.lower.device)
@@ -147,6 +192,58 @@ def unstable_rows(graph: BoundGraph, node: int, b: Bounds) -> Tensor:
         unstable = ((b.lower < 0) & (b.upper > 0)).flatten(1).any(0)
         return unstable.nonzero().squeeze(1)
     return torch.arange(graph.nodes[node].numel, device=b.lower.device)
+
+
+# Rows (sample, neuron) of one group's backward pass in _crown_per_sample_rows.
+_GROUP_ROWS = 1 << 16
+
+
+def _crown_per_sample_rows(graph: BoundGraph, node: int, b: Bounds,
+                           bounds: list[Optional[Bounds]]) -> Optional[Bounds]:
+    """CROWN on each sample's own unstable neurons of a ReLU input ``node`` rather than on every
+    neuron unstable in some sample: a large batch of boxes has nearly every neuron unstable in
+    one of them, while each box has few. Samples are sorted by their number of unstable neurons
+    and bounded in groups of similar counts, each sample with its own rows (padded to the
+    group's largest count; padding results are discarded), so a box's bounds do not depend on
+    the other boxes of the batch.
+    b: (N, *shape) current bounds; returns them tightened, or None when this would not save
+    work over shared rows (then the caller bounds those)."""
+    consumers = [graph.nodes[c].op for c in graph.consumers[node] if graph.nodes[c].op.nonlinear]
+    N = b.lower.shape[0]
+    if N == 1 or not consumers or not all(isinstance(op, ReLU) for op in consumers):
+        return None
+    unstable = ((b.lower < 0) & (b.upper > 0)).flatten(1)                # (N, numel)
+    counts = unstable.sum(1)
+    if int(counts.sum()) >= 0.75 * N * int(unstable.any(0).sum()):
+        return None
+    # each sample's unstable neurons first, in index order
+    rows_of = torch.argsort((~unstable).to(torch.int8), dim=1, stable=True)
+    order = torch.argsort(counts, stable=True)
+    order = order[counts[order] > 0].tolist()
+    count_of = counts.tolist()
+    flat_l, flat_u = b.lower.flatten(1).clone(), b.upper.flatten(1).clone()
+    ancestors = graph.ancestors(node)[:-1]
+    k = 0
+    while k < len(order):
+        first_count = count_of[order[k]]
+        end = k + 1
+        while end < len(order) and count_of[order[end]] <= 1.25 * first_count + 4 \
+                and (end - k + 1) * count_of[order[end]] <= _GROUP_ROWS:
+            end += 1
+        group = torch.tensor(order[k:end], device=b.lower.device)
+        width = count_of[order[end - 1]]
+        rows = rows_of[group, :width]                                        # (G, width)
+        valid = torch.arange(width, device=rows.device) < counts[group].unsqueeze(1)
+        gathered: list[Optional[Bounds]] = [None] * len(bounds)
+        for j in ancestors:
+            if bounds[j] is not None:
+                gathered[j] = Bounds(bounds[j].lower[group], bounds[j].upper[group])
+        lb, ub = backward_bound(graph, node, None, None, gathered, gathered[0], start_rows=rows)
+        at = (group.unsqueeze(1), rows)
+        flat_l[at] = torch.where(valid, torch.maximum(flat_l[at], lb), flat_l[at])
+        flat_u[at] = torch.where(valid, torch.minimum(flat_u[at], ub), flat_u[at])
+        k = end
+    return Bounds(flat_l.reshape(b.lower.shape), flat_u.reshape(b.upper.shape))
 
 
 def intersect(a: Bounds, b: Bounds) -> Bounds:
@@ -176,6 +273,13 @@ def crown_bounds(graph: BoundGraph, box: Bounds, alphas: Optional[Alphas] = None
             if splits is not None:
                 b = splits.apply(i, b)
             if method == "crown" and not (i < recompute_from and reference is not None and reference[i] is not None):
+                per_sample = None
+                if rows is None and alphas is None and (splits is None or not splits.betas):
+                    per_sample = _crown_per_sample_rows(graph, i, b, bounds)
+                if per_sample is not None:
+                    b = per_sample if splits is None else splits.apply(i, per_sample)
+                    bounds.append(b)
+                    continue
                 sel = rows[i] if rows is not None and i in rows else unstable_rows(graph, i, b)
                 if len(sel):
                     lb, ub = backward_bound(graph, i, None, None, bounds, box, alphas, splits, start_rows=sel)

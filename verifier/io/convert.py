@@ -292,14 +292,16 @@ class _Builder:
                 op = ElementwiseAffine(self.const(s.view(view)), self.const((b - f64(m.running_mean) * s).view(view)))
             return Ref(self.add(op, (ref,), shape), ref.batched)
 
+        weight, bias = self.live(m, "weight"), self.live(m, "bias")   # pruned gamma/beta too
+
         def scale():
             var = m.running_var.to(device, dtype)
-            w = m.weight.to(device, dtype) if m.weight is not None else torch.ones_like(var)
+            w = weight() if weight is not None else torch.ones_like(var)
             return (w / torch.sqrt(var + m.eps)).view(view)
 
         def shift():
             mean = m.running_mean.to(device, dtype)
-            b = m.bias.to(device, dtype) if m.bias is not None else torch.zeros_like(mean)
+            b = bias() if bias is not None else torch.zeros_like(mean)
             return b.view(view) - mean.view(view) * scale()
         return Ref(self.add(ElementwiseAffine(scale, shift), (ref,), shape), ref.batched)
 
