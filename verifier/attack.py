@@ -21,12 +21,28 @@ class AttackConfig:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class AttackOutcome:
+    """point: (*in) violating some disjunct, or None. best_margin: the lowest worst-disjunct margin
+    (``spec.worst`` of the margins) over every point the attack evaluated -- an upper bound on the
+    minimum over the box, <= 0 where a violation was found; None if no point was evaluated."""
+
+    point: Optional[Tensor]
+    best_margin: Optional[float]
+
+
 def pgd_attack(forward: Callable[[Tensor], Tensor], spec: RegionSpec, config: AttackConfig = AttackConfig(),
                deadline: Optional[float] = None) -> Optional[Tensor]:
+    """The violating point of ``pgd_search`` (shape (*in)), or None."""
+    return pgd_search(forward, spec, config, deadline).point
+
+
+def pgd_search(forward: Callable[[Tensor], Tensor], spec: RegionSpec, config: AttackConfig = AttackConfig(),
+               deadline: Optional[float] = None) -> AttackOutcome:
     """Search the box for a point violating some disjunct. forward: (N, *in) -> (N, *out).
 
     Every (restart, disjunct) pair descends on the disjunct's worst margin (max over its rows);
-    the first point at which all rows of a disjunct are <= 0 is returned, shape (*in), else None.
+    the first point at which all rows of a disjunct are <= 0 is returned, with the best margin seen.
     """
     lo, hi = spec.lower.unsqueeze(0), spec.upper.unsqueeze(0)
     K = spec.n_disjuncts
@@ -37,12 +53,16 @@ def pgd_attack(forward: Callable[[Tensor], Tensor], spec: RegionSpec, config: At
     target = torch.arange(K, device=lo.device).repeat(config.restarts)            # (n,)
     row_mask = spec.disjunct.unsqueeze(0) == target.unsqueeze(1)                 # (n, R)
     width = hi - lo
+    best = None                                                                  # () tensor
     for step in range(config.steps + 1):
         x = x.detach().requires_grad_(True)
         margins = spec.margins(forward(x))
-        found = spec.violated(margins.detach()).any(1)
+        per_disjunct = spec.per_disjunct(margins.detach())                       # (n, K)
+        lowest = per_disjunct.amin()
+        best = lowest if best is None else torch.minimum(best, lowest)
+        found = (per_disjunct <= 0).any(1)
         if bool(found.any()):
-            return x[found.nonzero()[0, 0]].detach()
+            return AttackOutcome(x[found.nonzero()[0, 0]].detach(), float(best))
         if step == config.steps or (deadline is not None and time.monotonic() > deadline):
             break
         objective = margins.masked_fill(~row_mask, -float("inf")).amax(1)       # (n,)
@@ -50,7 +70,7 @@ def pgd_attack(forward: Callable[[Tensor], Tensor], spec: RegionSpec, config: At
         alpha = config.step_fraction * (1 - step / config.steps) + 1e-3
         with torch.no_grad():
             x = torch.minimum(torch.maximum(x - alpha * width * grad.sign(), lo), hi)
-    return None
+    return AttackOutcome(None, None if best is None else float(best))
 
 
 def inside_box(x: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:

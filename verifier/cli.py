@@ -81,7 +81,9 @@ def add_verify_parser(subparsers) -> None:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds (default 300)")
     p.add_argument("--result-file", help="write the VNN-COMP result (and counterexample) here")
     p.add_argument("--quiet", action="store_true", help="print the verdict only")
-    p.add_argument("--stats", help="append one JSON line per bounded subdomain to this file")
+    p.add_argument("--stats", help="append JSON lines to this file: an instance summary (verdict, seconds, root "
+                                   "bounds of IBP, CROWN, alpha-CROWN and the attack's best margin), then one "
+                                   "line per bounded subdomain (read by `certiprune stats`)")
     p.add_argument("--branching", default="babsr", choices=("babsr", "fsb"), help="ReLU branching heuristic")
     p.add_argument("--input-split", default="auto", choices=("auto", "on", "off"),
                    help="split the input box instead of ReLUs (auto: when the input has <= 16 entries)")
@@ -94,7 +96,7 @@ def run_verify(args) -> int:
     t0 = time.perf_counter()   # before the heavy imports: the timeout is wall time
     import torch
     from .bab.config import BabConfig
-    from .verify import VerifyConfig, format_result, verify
+    from .verify import VerifyConfig, complete_root_records, format_result, verify
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     model, prop = _load(args)
@@ -109,7 +111,9 @@ def run_verify(args) -> int:
         with open(args.result_file, "w") as f:
             f.write(format_result(result))
     if args.stats and result.records is not None:
-        result.records.write(args.stats, {"model": args.model, "spec": args.spec, "result": result.status})
+        complete_root_records(model, prop, result.records, config)   # after the verdict: not timed
+        result.records.write(args.stats, {"model": args.model, "spec": args.spec, "result": result.status},
+                             seconds=result.seconds)
     if result.records is not None and result.records.count:
         log(f"{result.records.count} subdomains bounded, max depth {result.records.max_depth()}")
     print(f"{result.status} {time.perf_counter() - t0:.3f}")

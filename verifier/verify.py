@@ -13,13 +13,14 @@ import numpy as np
 import torch
 
 from .api import BoundedModel
-from .attack import AttackConfig, OnnxChecker, confirm, pgd_attack
+from .attack import AttackConfig, OnnxChecker, confirm, pgd_search
 from .bab.config import BabConfig
 from .bab.input_split import input_split_search
-from .bab.records import SubdomainRecords
+from .bab.records import RootRecord, SubdomainRecords
 from .bab.relu_split import ReluSplitSearch
 from .bounds.alpha import AlphaConfig, alpha_crown
 from .bounds.crown import crown_bounds, output_bounds
+from .bounds.ibp import ibp_bounds
 from .io.vnnlib import Property
 from .ops import Bounds
 from .spec import RegionSpec, region_specs
@@ -57,9 +58,17 @@ def concrete_evaluator(model: BoundedModel) -> Callable[[np.ndarray], np.ndarray
     return run
 
 
-def region_lower_margins(model: BoundedModel, spec: RegionSpec, config: VerifyConfig):
+def unstable_per_layer(graph, bounds: list) -> list[int]:
+    """Unstable ReLUs (l < 0 < u) per ReLU layer of one subdomain; bounds: per node, (1, *shape)."""
+    return [int(((bounds[z].lower < 0) & (bounds[z].upper > 0)).sum())
+            for z in (graph.nodes[r].inputs[0] for r in graph.relu_nodes())]
+
+
+def region_lower_margins(model: BoundedModel, spec: RegionSpec, config: VerifyConfig, always_alpha: bool = False,
+                         root: Optional[RootRecord] = None):
     """Sound lower bounds (1, R) of the margins C y - rhs over the region's box, and the
-    intermediate bounds behind them: CROWN first, then alpha-CROWN if CROWN does not prove it."""
+    intermediate bounds behind them: CROWN first, then alpha-CROWN if CROWN does not prove it
+    (or ``always_alpha``). ``root`` receives the worst-disjunct bound of each method run."""
     graph = model.graph()
     box = Bounds(spec.lower.unsqueeze(0), spec.upper.unsqueeze(0))
     C = spec.C.unsqueeze(0)
@@ -67,10 +76,37 @@ def region_lower_margins(model: BoundedModel, spec: RegionSpec, config: VerifyCo
         bounds = crown_bounds(graph, box)
         lb, _ = output_bounds(graph, box, C, bounds, need_upper=False)
     margins = lb - spec.rhs
-    if spec.proven(margins).all() or not graph.relu_nodes():
+    if root is not None:
+        root.crown, root.unstable["crown"] = float(spec.worst(margins)[0]), unstable_per_layer(graph, bounds)
+    if not graph.relu_nodes() or (spec.proven(margins).all() and not always_alpha):
+        if root is not None and not graph.relu_nodes():   # no relaxation to optimise: alpha = CROWN
+            root.alpha, root.unstable["alpha"] = root.crown, []
         return margins, bounds
     lb, _, bounds, _ = alpha_crown(graph, box, C, config.alpha, need_upper=False, initial=bounds)
-    return torch.maximum(margins, lb - spec.rhs), bounds
+    margins = torch.maximum(margins, lb - spec.rhs)
+    if root is not None:
+        root.alpha, root.unstable["alpha"] = float(spec.worst(margins)[0]), unstable_per_layer(graph, bounds)
+    return margins, bounds
+
+
+def complete_root_records(model: BoundedModel, prop: Property, records: SubdomainRecords,
+                          config: VerifyConfig = VerifyConfig()) -> None:
+    """Fill what ``verify`` left out of each region's root record (it bounds only what the verdict
+    needs): IBP always, CROWN and alpha-CROWN where the attack or CROWN already decided. Runs after
+    the verdict, so statistics never change the timing of the verification itself."""
+    graph = model.graph()
+    for i, spec in enumerate(region_specs(prop, graph.input_shape, model.device, model.dtype)):
+        root = records.root(i)
+        box = Bounds(spec.lower.unsqueeze(0), spec.upper.unsqueeze(0))
+        with torch.no_grad():
+            ibp = ibp_bounds(graph, box)
+        out = ibp[graph.output]
+        C = spec.C.unsqueeze(0).flatten(2)                                         # (1, R, n_out)
+        lo, hi = out.lower.flatten(1).unsqueeze(-1), out.upper.flatten(1).unsqueeze(-1)
+        lb = (C.clamp(min=0) @ lo + C.clamp(max=0) @ hi).squeeze(-1)             # (1, R)
+        root.ibp, root.unstable["ibp"] = float(spec.worst(lb - spec.rhs)[0]), unstable_per_layer(graph, ibp)
+        if root.crown is None or root.alpha is None:
+            region_lower_margins(model, spec, config, always_alpha=True, root=root)
 
 
 def make_checker(graph, spec: RegionSpec, evaluate, limit: int = 8):
@@ -100,23 +136,24 @@ def verify(model: BoundedModel, prop: Property, config: VerifyConfig = VerifyCon
     def elapsed():
         return time.monotonic() - start
 
+    records = SubdomainRecords(start=start)
     for i, spec in enumerate(specs):   # falsification first: sat answers are cheap
         if spec.empty_disjunct:
             candidate = (spec.lower + spec.upper) / 2
         else:
-            candidate = pgd_attack(forward, spec, config.attack, deadline)
+            attack = pgd_search(forward, spec, config.attack, deadline)
+            candidate, records.root(i).attack = attack.point, attack.best_margin
         if candidate is not None:
             found = confirm(spec, candidate.detach().cpu().double().numpy(), evaluate)
             if found is not None:
                 log(f"region {i}: counterexample confirmed by a concrete run")
-                return VerificationResult("sat", elapsed(), found, {"region": i})
+                return VerificationResult("sat", elapsed(), found, {"region": i}, records)
             log(f"region {i}: attack candidate not confirmed by the concrete run; ignored")
         if time.monotonic() > deadline:
-            return VerificationResult("timeout", elapsed())
-    records = SubdomainRecords()
+            return VerificationResult("timeout", elapsed(), records=records)
     roots = []
     for i, spec in enumerate(specs):
-        margins, bounds = region_lower_margins(model, spec, config)
+        margins, bounds = region_lower_margins(model, spec, config, root=records.root(i))
         roots.append((margins, bounds))
         log(f"region {i}: worst disjunct lower margin {float(spec.worst(margins)[0]):.6g}")
         if time.monotonic() > deadline:
