@@ -21,10 +21,10 @@ from pruning.checkpoint import load_checkpoint, save_checkpoint
 from pruning.data import ImageData, dataset_info, load_dataset, resolve_data_dir
 from pruning.errors import PruningError
 from pruning.evaluate import accuracy, pgd_accuracy, unstable_relus
-from pruning.models import MODELS, build_model, prunable_layers
+from pruning.models import MODELS, build_model
 from pruning.objectives import REGIMES, AttackConfig, make_regime
 from pruning.sparsity import (
-    SCOPES, apply_masks, check_sparsity, format_report, layer_weights, make_permanent,
+    SCOPES, check_sparsity, format_report, layer_weights, make_permanent,
     overall_sparsity, sparsity_report,
 )
 from pruning.train import TrainConfig, train
@@ -45,6 +45,16 @@ def _guarded(name: str, handler):
             return err.exit_code
 
     return run
+
+
+def set_handler(parser: argparse.ArgumentParser, name: str, handler) -> None:
+    """Add ``--config FILE.toml`` to ``parser`` and set its ``handler``: flags not given on the
+    command line come from the file, else from their defaults (``pruning.cli_config``); user
+    errors become one stderr line. Call it last, after every ``add_argument``."""
+    from pruning.cli_config import enable_config, resolve_config
+
+    spec = enable_config(parser, name)
+    parser.set_defaults(handler=_guarded(name, lambda args: handler(resolve_config(args, spec))))
 
 
 def _log(message: str) -> None:
@@ -108,38 +118,87 @@ def _metrics(model, test_data, attack, count_unstable: str, device, dtype) -> di
 # ---------------------------------------------------------------- train
 
 def add_train_parser(subparsers) -> None:
-    parser = subparsers.add_parser("train", help="train a zoo model (standard or PGD)")
+    from pruning.train import LR_SCHEDULES
+
+    parser = subparsers.add_parser(
+        "train", help="train a zoo model (standard, PGD, FGSM+GradAlign or CROWN-IBP)")
     parser.add_argument("--dataset", choices=sorted(DEFAULT_EPS), default="fashion-mnist")
-    parser.add_argument("--model", choices=sorted(MODELS), default="mlp2x256")
-    parser.add_argument("--regime", choices=REGIMES, default="standard")
+    parser.add_argument("--model", default="mlp2x256",
+                        help=f"zoo model, one of {', '.join(sorted(MODELS))} (default mlp2x256)")
+    parser.add_argument("--regime", default="standard",
+                        help=f"one of {', '.join(REGIMES)} (default standard)")
     parser.add_argument("--eps", type=float,
                         help="L∞ radius (default 0.1 on (Fashion-)MNIST, 2/255 on CIFAR-10)")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--rewind-epoch", type=int, default=1,
                         help="save the weights after this epoch for rewinding (default 1; "
                              "0: the initial weights)")
+    parser.add_argument("--ramp-epochs", type=float,
+                        help="crown-ibp: epochs over which eps ramps from 0 (smoothed) and β, κ "
+                             "go from 1 to 0 (default: half the epochs)")
+    parser.add_argument("--grad-align-weight", type=float, default=0.2,
+                        help="fgsm: weight of the GradAlign regulariser (default 0.2)")
+    parser.add_argument("--nrs", action="store_true",
+                        help="add the NRS neuron-stability loss (methods/nrs.py) to the regime")
+    parser.add_argument("--rs-weight", type=float,
+                        help="weight of the NRS loss; implies --nrs (default 0.01, or 0.001 "
+                             "under crown-ibp)")
+    parser.add_argument("--gamma-pow", type=float, default=2.0,
+                        help="NRS: power p of the BatchNorm normaliser |γ|^p (default 2)")
+    parser.add_argument("--weight-decay", type=float,
+                        help="default: the regime's (5e-4 for fgsm, else 0)")
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES,
+                        help="default: the regime's (step for fgsm and crown-ibp, else cosine)")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     _common(parser)
-    parser.set_defaults(handler=_guarded("train", run_train))
+    # Unset optimiser flags take the regime's defaults (pruning.train.REGIME_TRAINING).
+    parser.set_defaults(lr=None, optimizer=None)
+    set_handler(parser, "train", run_train)
+
+
+def _train_objective(args, attack: AttackConfig, model, device, dtype):
+    """The regime's objective, plus the NRS loss with ``--nrs`` / ``--rs-weight``."""
+    ramp = args.ramp_epochs if args.ramp_epochs is not None else args.epochs / 2
+    objective = make_regime(args.regime, attack, ramp_epochs=ramp,
+                            grad_align_weight=args.grad_align_weight)
+    if not (args.nrs or args.rs_weight is not None):
+        return objective, {}
+    from pruning.bounds import bounded_model
+    from pruning.methods.nrs import NRSConfig, NRSRegularised, default_rs_weight
+
+    weight = args.rs_weight if args.rs_weight is not None else default_rs_weight(objective)
+    objective = NRSRegularised(objective, bounded_model(model, device, dtype), attack.eps, weight,
+                               attack.lower, attack.upper, NRSConfig(gamma_pow=args.gamma_pow))
+    return objective, {"rs_weight": weight, "gamma_pow": args.gamma_pow}
 
 
 def run_train(args) -> int:
+    from pruning.train import regime_train_config
+
     start = time.perf_counter()
     if not 0 <= args.rewind_epoch <= args.epochs:
         raise PruningError(f"--rewind-epoch {args.rewind_epoch} is not in 0..{args.epochs} "
                            "(the training epochs)")
+    if args.regime not in REGIMES:
+        raise PruningError(f"unknown training regime {args.regime!r}; choose one of "
+                           f"{', '.join(REGIMES)}")
+    if args.model not in MODELS:
+        raise PruningError(f"unknown model {args.model!r}; choose one of "
+                           f"{', '.join(sorted(MODELS))}")
     device, dtype = _device(args)
     info = dataset_info(args.dataset)
     eps = args.eps if args.eps is not None else DEFAULT_EPS[args.dataset]
     attack = _attack(args, eps)
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         optimizer=args.optimizer, seed=args.seed)
+    config = regime_train_config(args.regime, epochs=args.epochs, batch_size=args.batch_size,
+                                 lr=args.lr, optimizer=args.optimizer, seed=args.seed,
+                                 weight_decay=args.weight_decay, lr_schedule=args.lr_schedule)
     train_data, test_data = _data(args, args.dataset, device, dtype)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         model = build_model(args.model, info).to(device=device, dtype=dtype)
+    objective, extra = _train_objective(args, attack, model, device, dtype)
     meta = {"model": args.model, "dataset": args.dataset, "regime": args.regime, "eps": eps,
-            "seed": args.seed}
+            "seed": args.seed, **extra}
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "init.pt").is_file():
@@ -152,13 +211,15 @@ def run_train(args) -> int:
             save_checkpoint(out / "rewind.pt", trained, {**meta, "epoch": epoch})
 
     _log(f"training {args.model} on {args.dataset} ({len(train_data)} images), regime "
-         f"{args.regime}, eps {eps}, {args.epochs} epochs")
-    history = train(model, make_regime(args.regime, attack), train_data, config,
+         f"{args.regime}{' + NRS ' + str(extra['rs_weight']) if extra else ''}, eps {eps}, "
+         f"{args.epochs} epochs, {config.optimizer} lr {config.lr} ({config.lr_schedule})")
+    history = train(model, objective, train_data, config,
                     eval_data=test_data, eval_attack=attack, checkpoint=out / "train.ckpt",
                     after_epoch=snapshot, progress=not args.quiet)
     save_checkpoint(out / "model.pt", model, {**meta, "epoch": args.epochs})
     summary = {"command": "train", **meta, "train_config": dataclasses.asdict(config),
                "attack": dataclasses.asdict(attack),
+               "objective": type(objective).__name__,
                "epochs": [dataclasses.asdict(h) for h in history],
                **_metrics(model, test_data, attack, "none", device, dtype),
                "seconds": time.perf_counter() - start}
@@ -173,56 +234,108 @@ def run_train(args) -> int:
 
 def add_prune_parser(subparsers) -> None:
     from pruning.methods import METHOD_NAMES
-    from pruning.schedule import REWINDS, SCHEDULES
+    from pruning.schedule import DEFAULT_RATE, DEFAULT_ROUNDS, REWINDS, SCHEDULES
 
     parser = subparsers.add_parser("prune", help="prune a trained checkpoint and fine-tune it")
     parser.add_argument("--checkpoint", type=Path, required=True,
                         help="model.pt written by `certiprune train`")
-    parser.add_argument("--method", choices=METHOD_NAMES, required=True)
-    parser.add_argument("--sparsity", type=float, required=True,
-                        help="fraction of prunable weights set to zero, in [0, 1)")
-    parser.add_argument("--scope", choices=SCOPES, default="global")
+    parser.add_argument("--method", required=True, help=f"one of {', '.join(METHOD_NAMES)}")
+    parser.add_argument("--sparsity", type=float,
+                        help="fraction of prunable weights set to zero, in [0, 1); for slim, "
+                             "l1-channel, refill the fraction of channels / neurons removed per "
+                             "hidden layer; iterative: the final target (or give --rate)")
+    parser.add_argument("--rate", type=float,
+                        help="iterative: fraction of the remaining weights pruned per round "
+                             f"(default {DEFAULT_RATE} unless --sparsity is given)")
+    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS,
+                        help=f"iterative rounds (default {DEFAULT_ROUNDS})")
+    parser.add_argument("--scope", choices=SCOPES, default="global",
+                        help="unstructured methods: one threshold over all layers or per layer")
     parser.add_argument("--schedule", choices=SCHEDULES,
                         help="default: iterative for imp, one-shot otherwise")
-    parser.add_argument("--rounds", type=int, default=3, help="iterative rounds (default 3)")
     parser.add_argument("--rewind", choices=REWINDS, default="rewind_lt")
     parser.add_argument("--finetune-epochs", type=int, default=2,
                         help="epochs of fine-tuning (per round when iterative)")
-    parser.add_argument("--score-epochs", type=int, default=2, help="HYDRA score-learning epochs")
+    parser.add_argument("--score-epochs", type=int, default=2,
+                        help="HYDRA score-learning / slim L1-on-γ training epochs")
     parser.add_argument("--score-lr", type=float, default=1e-3)
+    parser.add_argument("--score-batches", type=int,
+                        help="mini-batches of gradients for snip / taylor (default 8 for snip, "
+                             "one epoch for taylor)")
+    parser.add_argument("--slim-penalty", type=float, default=1e-4,
+                        help="λ of slim's L1 penalty on BatchNorm γ (default 1e-4)")
+    parser.add_argument("--at-init", action="store_true",
+                        help="score and prune the initial weights (init.pt beside "
+                             "--checkpoint), as SNIP does at initialisation")
     parser.add_argument("--stability-weight", type=float, default=0.5,
                         help="λ of the ReLU-stability loss (method stability)")
     parser.add_argument("--regime", choices=REGIMES, help="default: the checkpoint's regime")
     parser.add_argument("--eps", type=float, help="default: the checkpoint's eps")
+    parser.add_argument("--bound-images", type=int, default=32,
+                        help="test images on which each round counts unstable ReLUs (IBP, "
+                             "CROWN; default 32)")
     parser.add_argument("--count-unstable", choices=("none", "ibp", "crown"), default="none",
                         help="also report mean unstable ReLUs per test image (needs verifier)")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     _common(parser)
-    parser.set_defaults(handler=_guarded("prune", run_prune))
+    set_handler(parser, "prune", run_prune)
+
+
+def _schedule_and_target(args, method):
+    """The ``ScheduleConfig`` and final sparsity (or channel fraction) the flags ask for."""
+    from pruning.schedule import ScheduleConfig, iterative_target
+
+    kind = args.schedule or method.schedule
+    if kind == "iterative":
+        target = iterative_target(args.rounds, args.rate, args.sparsity)
+    elif args.rate is not None:
+        raise PruningError("--rate sets the per-round fraction of an iterative schedule; a "
+                           "one-shot schedule takes --sparsity")
+    elif args.sparsity is None:
+        raise PruningError(f"--sparsity is required for the one-shot schedule of {method.name}")
+    else:
+        target = args.sparsity
+    check_sparsity(target)
+    return ScheduleConfig(kind=kind, rounds=args.rounds, rewind=args.rewind,
+                          scope=args.scope), target
+
+
+def _companion(checkpoint: Path, name: str, meta: dict, device, dtype):
+    """The model in ``name`` (init.pt / rewind.pt) beside ``checkpoint``; must be the same
+    zoo model on the same dataset."""
+    model, other = load_checkpoint(checkpoint.parent / name, device, dtype)
+    if (other["model"], other["dataset"]) != (meta["model"], meta["dataset"]):
+        raise PruningError(f"{checkpoint.parent / name} holds {other['model']} on "
+                           f"{other['dataset']}, but {checkpoint} holds {meta['model']} on "
+                           f"{meta['dataset']}")
+    return model
 
 
 def run_prune(args) -> int:
     from pruning.methods import PruneContext, get_method
-    from pruning.schedule import ScheduleConfig, run_schedule
+    from pruning.methods.structured import (
+        channel_report, check_channel_fraction, mask_existing_zeros,
+    )
+    from pruning.schedule import RoundEvaluator, run_schedule
 
     start = time.perf_counter()
-    check_sparsity(args.sparsity)
     device, dtype = _device(args)
     method = get_method(args.method)
+    schedule, target = _schedule_and_target(args, method)
     model, meta = load_checkpoint(args.checkpoint, device, dtype)
+    if args.at_init:
+        model = _companion(args.checkpoint, "init.pt", meta, device, dtype)
     if "method" in meta:  # an already pruned checkpoint: its zeros stay zeros
-        apply_masks(model, {name: (module.weight != 0).to(module.weight.dtype)
-                            for name, module in prunable_layers(model)})
+        mask_existing_zeros(model)
+    if method.structured:
+        check_channel_fraction(model, target)
     regime = args.regime or meta.get("regime", "standard")
     eps = args.eps if args.eps is not None else meta.get("eps", DEFAULT_EPS[meta["dataset"]])
     attack = _attack(args, eps)
-    schedule = ScheduleConfig(kind=args.schedule or method.schedule, rounds=args.rounds,
-                              rewind=args.rewind, scope=args.scope)
     early_state = None
     if schedule.kind == "iterative" and schedule.rewind != "pt":
-        source = args.checkpoint.parent / ("rewind.pt" if schedule.rewind == "rewind_lt"
-                                           else "init.pt")
-        early_state = layer_weights(load_checkpoint(source, device, dtype)[0])
+        source = "rewind.pt" if schedule.rewind == "rewind_lt" else "init.pt"
+        early_state = layer_weights(_companion(args.checkpoint, source, meta, device, dtype))
     train_data, test_data = _data(args, meta["dataset"], device, dtype)
     finetune = TrainConfig(epochs=args.finetune_epochs, batch_size=args.batch_size, lr=args.lr,
                            optimizer=args.optimizer, seed=args.seed)
@@ -231,28 +344,32 @@ def run_prune(args) -> int:
         dtype=dtype, score_training=TrainConfig(epochs=args.score_epochs,
                                                 batch_size=args.batch_size, lr=args.score_lr,
                                                 seed=args.seed),
-        stability_weight=args.stability_weight, seed=args.seed, progress=not args.quiet,
+        stability_weight=args.stability_weight, score_batches=args.score_batches,
+        slim_penalty=args.slim_penalty, seed=args.seed, progress=not args.quiet,
     )
-    _log(f"pruning {meta['model']} ({args.checkpoint}) with {args.method} to sparsity "
-         f"{args.sparsity} ({args.scope}, {schedule.kind}"
+    what = "channel fraction" if method.structured else "sparsity"
+    _log(f"pruning {meta['model']} ({args.checkpoint}{', initial weights' if args.at_init else ''})"
+         f" with {args.method} to {what} {target:.4g} ({args.scope}, {schedule.kind}"
          + (f", {schedule.rounds} rounds, rewind {schedule.rewind}" if schedule.kind == "iterative"
             else "") + f"), fine-tuning {args.finetune_epochs} epochs under {regime}")
     model.train()
     rounds = run_schedule(
-        model, method, args.sparsity, schedule, ctx, finetune, args.out / "rounds",
+        model, method, target, schedule, ctx, finetune, args.out / "rounds",
         early_state=early_state,
-        evaluate=lambda m: _metrics(m, test_data, attack, "none", device, dtype),
+        evaluate=RoundEvaluator(test_data, attack, n_bound_images=args.bound_images),
     )
     make_permanent(model)
     model.eval()
     report = sparsity_report(model)
     save_checkpoint(args.out / "model.pt", model,
                     {**meta, "regime": regime, "eps": eps, "method": args.method,
-                     "sparsity": args.sparsity, "scope": args.scope})
+                     "sparsity": target, "scope": args.scope})
     metrics = _metrics(model, test_data, attack, args.count_unstable, device, dtype)
     summary = {"command": "prune", "checkpoint": str(args.checkpoint), "method": args.method,
-               "schedule": dataclasses.asdict(schedule), "target_sparsity": args.sparsity,
-               "sparsity": overall_sparsity(report), "regime": regime, **metrics,
+               "schedule": dataclasses.asdict(schedule), "target_sparsity": target,
+               "structured": method.structured, "at_init": args.at_init,
+               "sparsity": overall_sparsity(report), "channels": channel_report(model),
+               "regime": regime, **metrics,
                "layers": {r.name: {"shape": list(r.shape), "n_weights": r.n_weights,
                                    "n_zero": r.n_zero, "sparsity": r.sparsity} for r in report},
                "rounds": rounds, "seconds": time.perf_counter() - start}
@@ -270,14 +387,15 @@ def add_export_parser(subparsers) -> None:
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--compact", action="store_true",
-                        help="remove dead neurons / channels (function unchanged)")
+                        help="fold BatchNorm into the preceding layer and remove dead neurons / "
+                             "channels (function unchanged)")
     parser.add_argument("--specs", type=int, default=0,
                         help="write VNN-LIB robustness specs for the first N test images")
     parser.add_argument("--eps", type=float, help="spec radius (default: the checkpoint's eps)")
     parser.add_argument("--timeout", type=float, default=60.0,
                         help="per-instance timeout written to instances.csv (seconds)")
     parser.add_argument("--data-dir", help="dataset root (default: $CERTIPRUNE_DATA)")
-    parser.set_defaults(handler=_guarded("export", run_export))
+    set_handler(parser, "export", run_export)
 
 
 def run_export(args) -> int:

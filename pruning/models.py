@@ -12,7 +12,25 @@ Zoo (``build_model(name, info)``):
 - ``cnn_base``, ``cnn_wide``, ``cnn_deep``: the oval21 ``cifar_base/wide/deep_kw`` shapes
   (conv k4 s2 p1 layers, then ``fc 100`` and the classifier); on 28×28 greyscale inputs the
   same layers give the greyscale variants (spatial size 28 → 14 → 7).
-- ``cnn_base_bn``: ``cnn_base`` with BatchNorm after each conv (for the BN models of issue 7).
+- BatchNorm models (the paper's CIFAR-10 models; BatchNorm after every conv, before its ReLU):
+
+  ==================  =====================================================  =================
+  name                convs (channels kernel/stride/padding)                 fc (on 32×32)
+  ==================  =====================================================  =================
+  ``cnn_base_bn``     8 k4s2p1, 16 k4s2p1 (``cnn_base`` + BN)                 1024→100→10
+  ``cifar_model``     the same layers as ``cnn_base_bn``, under the paper's   1024→100→10
+                      name
+  ``cifar_base``      32 k5s2p2, 128 k4s2p1                                  8192→250→10
+  ``deep``            32 k3s1p1, 64 k4s2p1, 64 k3s1p1, 128 k4s2p1,            8192→100→10
+                      128 k3s1p1
+  ``cnn_7layer_bn``   64, 64, 128, 128, 128, all k3 p1, strides 1, 1, 2, 1,   32768→512→10,
+                      1 (auto_LiRPA / CROWN-IBP's ``cnn_7layer_bn``)          BN1d on the 512
+  ==================  =====================================================  =================
+
+  On 28×28 greyscale inputs the same layers give the greyscale variants (the fc input shrinks
+  with the spatial size: e.g. ``cifar_base`` 128·7·7 = 6272→250, ``deep`` 128·7·7→100).
+  The verifier bounds BatchNorm with its running statistics; ``pruning.export`` writes it as
+  BatchNormalization and ``pruning.compact`` can fold it into the conv.
 """
 from __future__ import annotations
 
@@ -58,10 +76,12 @@ def cnn(
     convs: tuple[tuple[int, int, int, int], ...],
     fc: tuple[int, ...],
     batch_norm: bool = False,
+    fc_batch_norm: bool = False,
 ) -> nn.Sequential:
     """Conv layers ``(out_channels, kernel, stride, padding)`` + ReLU, then Linear layers.
 
-    With ``batch_norm`` a BatchNorm2d follows each conv (before its ReLU).
+    With ``batch_norm`` a BatchNorm2d follows each conv, with ``fc_batch_norm`` a BatchNorm1d
+    each hidden Linear (both before the ReLU).
     """
     c, h, w = info.input_shape
     layers: list[nn.Module] = [Normalize(info.mean, info.std)]
@@ -78,7 +98,10 @@ def cnn(
     layers.append(nn.Flatten())
     width = c * h * w
     for units in fc:
-        layers += [nn.Linear(width, units), nn.ReLU()]
+        layers.append(nn.Linear(width, units))
+        if fc_batch_norm:
+            layers.append(nn.BatchNorm1d(units))
+        layers.append(nn.ReLU())
         width = units
     layers.append(nn.Linear(width, info.n_classes))
     return nn.Sequential(*layers)
@@ -86,6 +109,8 @@ def cnn(
 
 _K4S2 = (4, 2, 1)
 _K3S1 = (3, 1, 1)
+_K3S2 = (3, 2, 1)
+_K5S2 = (5, 2, 2)
 
 MODELS: dict[str, Callable[[DatasetInfo], nn.Sequential]] = {
     "mlp2x256": lambda info: mlp(info, (256, 256)),
@@ -98,6 +123,16 @@ MODELS: dict[str, Callable[[DatasetInfo], nn.Sequential]] = {
         info, ((8, *_K4S2), (8, *_K3S1), (8, *_K3S1), (8, *_K4S2)), (100,)
     ),
     "cnn_base_bn": lambda info: cnn(info, ((8, *_K4S2), (16, *_K4S2)), (100,), batch_norm=True),
+    "cifar_model": lambda info: cnn(info, ((8, *_K4S2), (16, *_K4S2)), (100,), batch_norm=True),
+    "cifar_base": lambda info: cnn(info, ((32, *_K5S2), (128, *_K4S2)), (250,), batch_norm=True),
+    "deep": lambda info: cnn(
+        info, ((32, *_K3S1), (64, *_K4S2), (64, *_K3S1), (128, *_K4S2), (128, *_K3S1)), (100,),
+        batch_norm=True,
+    ),
+    "cnn_7layer_bn": lambda info: cnn(
+        info, ((64, *_K3S1), (64, *_K3S1), (128, *_K3S2), (128, *_K3S1), (128, *_K3S1)), (512,),
+        batch_norm=True, fc_batch_norm=True,
+    ),
 }
 
 

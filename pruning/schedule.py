@@ -1,8 +1,11 @@
 """Schedules: one-shot (score, mask, fine-tune) and iterative rounds with rewinding.
 
-Iterative (lottery ticket, Frankle & Carbin 2019; rewinding, Frankle et al. 2020): round
-``r = 1..R`` prunes to sparsity ``1 − (1 − S)^{r/R}`` (the same fraction of the remaining
-weights each round), then resets the surviving weights according to ``rewind``:
+Iterative (lottery ticket, Frankle & Carbin 2019; rewinding, Frankle et al. 2020; the paper's
+IMP): every round prunes the same fraction ``p`` of the *remaining* weights (of the remaining
+channels, for structured methods), so round ``r = 1..R`` ends at sparsity ``1 − (1 − p)^r`` and
+the final one at ``S = 1 − (1 − p)^R`` (the paper: ``p`` = 0.11, ``R`` = 12, S ≈ 0.753; see
+``iterative_target`` for giving ``S`` instead of ``p``). After pruning it resets the surviving
+weights according to ``rewind``:
 
 - ``rewind_lt``: to the early-training weights (the snapshot ``certiprune train`` saves after
   ``--rewind-epoch``), keeping the mask;
@@ -11,7 +14,10 @@ weights each round), then resets the surviving weights according to ``rewind``:
 
 and retrains with the method's fine-tuning objective. Every round is checkpointed
 (``round_<r>.pt`` with masks and weights, ``round_<r>.json`` with its summary) and a rerun skips
-finished rounds; the fine-tuning inside a round resumes per epoch.
+finished rounds; the fine-tuning inside a round resumes per epoch. A round's summary holds the
+sparsity overall and per layer, the channels kept per hidden layer, seconds, and whatever the
+evaluator measures (``RoundEvaluator``: clean / PGD accuracy and unstable ReLUs under IBP and
+CROWN); ``rounds.png`` plots accuracy and the unstable-ReLU ratio against the round.
 """
 from __future__ import annotations
 
@@ -24,16 +30,22 @@ from typing import Callable
 import torch
 from torch import nn
 
+from pruning.data import ImageData
 from pruning.errors import PruningError
+from pruning.evaluate import accuracy, pgd_accuracy
 from pruning.methods import Method, PruneContext
+from pruning.methods.structured import channel_report, prune_channels
+from pruning.objectives import AttackConfig, input_box
 from pruning.sparsity import (
-    apply_masks, check_sparsity, masks_from_state_dict, masks_of, overall_sparsity,
-    prune_by_scores, rewind, sparsity_report,
+    all_masks, apply_masks, check_sparsity, clone_model, make_permanent, masks_from_state_dict,
+    overall_sparsity, prune_by_scores, rewind, sparsity_report,
 )
 from pruning.train import TrainConfig, train
 
 REWINDS = ("rewind_lt", "lt", "pt")
 SCHEDULES = ("one-shot", "iterative")
+DEFAULT_ROUNDS = 12  # the paper's IMP: 12 rounds of 11 %
+DEFAULT_RATE = 0.11
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,33 +71,137 @@ def round_targets(sparsity: float, rounds: int) -> list[float]:
     return [1 - (1 - sparsity) ** (r / rounds) for r in range(1, rounds)] + [sparsity]
 
 
+def iterative_target(rounds: int, rate: float | None = None,
+                     sparsity: float | None = None) -> float:
+    """The final sparsity ``S = 1 − (1 − rate)^rounds`` of an iterative schedule.
+
+    Give ``rate`` (fraction of the remaining weights pruned per round) or ``sparsity`` (the
+    final target, from which the rate follows), or both if they agree to 1e-4; neither means
+    ``DEFAULT_RATE``.
+    """
+    if rounds < 1:
+        raise PruningError(f"rounds must be ≥ 1, got {rounds}")
+    if rate is not None and not 0.0 < rate < 1.0:
+        raise PruningError(f"rate must be in (0, 1), got {rate}")
+    if sparsity is not None:
+        check_sparsity(sparsity)
+    if rate is None:
+        return sparsity if sparsity is not None else 1 - (1 - DEFAULT_RATE) ** rounds
+    implied = 1 - (1 - rate) ** rounds
+    if sparsity is not None and abs(implied - sparsity) > 1e-4:
+        raise PruningError(
+            f"--sparsity {sparsity} disagrees with --rate {rate} over {rounds} rounds, which "
+            f"gives 1 - (1 - {rate})^{rounds} = {implied:.6g}; give one of them")
+    return implied
+
+
 Evaluator = Callable[[nn.Module], dict]
 
 
-def _summary(round_index: int, target: float, model: nn.Module, evaluate: Evaluator | None,
-             seconds: float, history) -> dict:
+@dataclasses.dataclass(frozen=True, eq=False)
+class RoundEvaluator:
+    """Measures a round's model: clean and PGD accuracy on ``test_data`` (images (N, C, H, W)),
+    and the mean number (and ratio) of unstable ReLUs (``l < 0 < u``) under the verifier's IBP
+    and CROWN bounds over the clipped ``attack.eps`` ball, on the first ``n_bound_images``
+    test images (a fixed batch, so rounds compare). Bounds are taken on a copy with the masks
+    made permanent, in eval mode."""
+
+    test_data: ImageData
+    attack: AttackConfig
+    n_bound_images: int = 32
+
+    def __call__(self, model: nn.Module) -> dict:
+        metrics = {"clean_accuracy": accuracy(model, self.test_data),
+                   "pgd_accuracy": pgd_accuracy(model, self.test_data, self.attack),
+                   "eps": self.attack.eps, "n_test": len(self.test_data)}
+        return {**metrics, **self.unstable_relus(model)}
+
+    @torch.no_grad()
+    def unstable_relus(self, model: nn.Module) -> dict:
+        from pruning.bounds import bounded_model
+
+        frozen = clone_model(model)
+        make_permanent(frozen)
+        frozen.eval()
+        parameter = next(frozen.parameters())
+        bounded = bounded_model(frozen, parameter.device, parameter.dtype)
+        x = self.test_data.images[: self.n_bound_images]
+        lo, hi = input_box(x, self.attack.eps, self.attack.lower, self.attack.upper)
+        result = {"n_bound_images": len(x)}
+        for method in ("ibp", "crown"):
+            bounds = bounded.relu_bounds(lo, hi, method=method)
+            n_relus = sum(l[0].numel() for l, _ in bounds)
+            unstable = sum(((l < 0) & (u > 0)).flatten(1).sum(1) for l, u in bounds)
+            mean = float(unstable.float().mean()) if bounds else 0.0
+            result[f"mean_unstable_relus_{method}"] = mean
+            result[f"unstable_ratio_{method}"] = mean / max(n_relus, 1)
+        result["n_relus"] = n_relus
+        return result
+
+
+def _summary(method_name: str, round_index: int, target: float, model: nn.Module,
+             evaluate: Evaluator | None, start: float, history) -> dict:
+    """The JSON summary of a finished round (``start``: its ``time.perf_counter()``)."""
     report = sparsity_report(model)
     summary = {
+        "method": method_name,
         "round": round_index,
         "target_sparsity": target,
         "sparsity": overall_sparsity(report),
         "layers": {r.name: {"shape": list(r.shape), "n_weights": r.n_weights,
                             "n_zero": r.n_zero, "sparsity": r.sparsity} for r in report},
+        "channels": channel_report(model),
         "finetune": [dataclasses.asdict(h) for h in history],
-        "seconds": seconds,
     }
     if evaluate is not None:
         summary.update(evaluate(model))
+    summary["seconds"] = time.perf_counter() - start  # evaluation included
     return summary
 
 
 def _load_round(model: nn.Module, path: Path) -> None:
-    state = torch.load(path, weights_only=False)["model"]
-    already = masks_of(model)
-    masks = {name: mask for name, mask in masks_from_state_dict(state).items()
-             if not torch.equal(mask, already.get(name, mask))}
-    apply_masks(model, masks)
-    model.load_state_dict(state)
+    """Put a finished round's masks and weights into ``model`` (masks only grow)."""
+    try:
+        state = torch.load(path, weights_only=False)["model"]
+        already = all_masks(model)
+        masks = {name: mask for name, mask in masks_from_state_dict(state).items()
+                 if name not in already or not torch.equal(mask, already[name])}
+        apply_masks(model, masks)
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError, PruningError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise PruningError(f"{path} does not match the model being pruned ({first}); "
+                           "remove the rounds directory to start afresh") from None
+
+
+def plot_rounds(summaries: list[dict], path: Path) -> Path:
+    """A PNG of clean / PGD accuracy and the unstable-ReLU ratio (IBP, CROWN) against the
+    round (fields absent from the summaries are skipped)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    rounds = [s["round"] for s in summaries]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("clean_accuracy", "clean"), ("pgd_accuracy", "PGD")):
+        if all(key in s for s in summaries):
+            left.plot(rounds, [s[key] for s in summaries], marker="o", label=label)
+    for key, label in (("unstable_ratio_ibp", "IBP"), ("unstable_ratio_crown", "CROWN")):
+        if all(key in s for s in summaries):
+            right.plot(rounds, [s[key] for s in summaries], marker="o", label=label)
+    sparsity = ", ".join(f"{s['sparsity']:.2f}" for s in summaries)
+    left.set(xlabel="round", ylabel="accuracy", title="accuracy")
+    right.set(xlabel="round", ylabel="unstable ReLUs / ReLUs", title="unstable ReLU ratio")
+    for axes in (left, right):
+        axes.grid(alpha=0.3)
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend()
+    figure.suptitle(f"sparsity per round: {sparsity}", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
 
 
 def run_schedule(
@@ -105,8 +221,11 @@ def run_schedule(
 
     early_state: ``(weights, biases)`` per layer name (``sparsity.layer_weights``) to rewind to;
     required by iterative schedules with ``rewind`` "rewind_lt" or "lt". evaluate(model) -> dict
-    of metrics merged into each round's summary; eval_kwargs go to ``train`` (per-epoch
-    evaluation). Mask state lives in ``model`` via ``torch.nn.utils.prune``.
+    of metrics merged into each round's summary (e.g. ``RoundEvaluator``); eval_kwargs go to
+    ``train`` (per-epoch evaluation). Mask state lives in ``model`` via
+    ``torch.nn.utils.prune``. For a structured ``method`` the sparsity is the fraction of
+    channels / neurons removed per hidden layer. Writes ``rounds.png`` into ``workdir``; a
+    finished round of another method or target found there is an error.
     """
     check_sparsity(sparsity)
     rounds = schedule.rounds if schedule.kind == "iterative" else 1
@@ -119,12 +238,22 @@ def run_schedule(
         round_file = workdir / f"round_{index}.pt"
         summary_file = workdir / f"round_{index}.json"
         if round_file.is_file() and summary_file.is_file():
+            finished = json.loads(summary_file.read_text())
+            if (finished.get("method", method.name) != method.name
+                    or abs(finished["target_sparsity"] - target) > 1e-9):
+                raise PruningError(
+                    f"{summary_file} is round {index} of method {finished.get('method')!r} at "
+                    f"sparsity {finished['target_sparsity']:.6g}, not of {method.name!r} at "
+                    f"{target:.6g}; use another output directory")
             _load_round(model, round_file)
-            summaries.append(json.loads(summary_file.read_text()))
+            summaries.append(finished)
             continue
         start = time.perf_counter()
         scores = method.scores(model, target, schedule.scope, ctx)
-        prune_by_scores(model, scores, target, schedule.scope)
+        if method.structured:
+            prune_channels(model, scores, target)
+        else:
+            prune_by_scores(model, scores, target, schedule.scope)
         if needs_rewind:
             rewind(model, *early_state)
         history = train(
@@ -132,9 +261,12 @@ def run_schedule(
             checkpoint=workdir / f"round_{index}.train.pt", progress=ctx.progress,
             desc=f"finetune r{index}", **(eval_kwargs or {}),
         )
-        summary = _summary(index, target, model, evaluate, time.perf_counter() - start, history)
+        summary = _summary(method.name, index, target, model, evaluate, start, history)
         torch.save({"model": model.state_dict()}, round_file)
         summary_file.write_text(json.dumps(summary, indent=2))
         (workdir / f"round_{index}.train.pt").unlink(missing_ok=True)
         summaries.append(summary)
+        plot_rounds(summaries, workdir / "rounds.png")
+    if not (workdir / "rounds.png").is_file():
+        plot_rounds(summaries, workdir / "rounds.png")
     return summaries

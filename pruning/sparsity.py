@@ -5,6 +5,10 @@ A pruning method produces importance scores (one tensor per prunable weight, lar
 (one threshold over all layers) or ``prune.l1_unstructured`` per layer. Masks only shrink:
 weights pruned before stay pruned, and the count of new zeros is computed so that the
 requested sparsity is met exactly (``round(sparsity · n)`` zeros, globally or per layer).
+
+Structured methods (``methods.structured``) mask biases and BatchNorm γ/β too; the helpers
+below that save, restore and remove masks therefore handle every pruned parameter of every
+module, keyed ``"<module>.<parameter>"`` (a bare prunable-layer name still means its weight).
 """
 from __future__ import annotations
 
@@ -79,30 +83,60 @@ def clone_model(model: nn.Module) -> nn.Module:
     """
     memo = {}
     for module in model.modules():
-        if hasattr(module, "weight_mask") and isinstance(getattr(module, "weight", None),
-                                                           torch.Tensor):
-            memo[id(module.weight)] = module.weight.detach().clone()
+        for name in pruned_parameters(module):
+            if isinstance(getattr(module, name, None), torch.Tensor):
+                memo[id(getattr(module, name))] = getattr(module, name).detach().clone()
     return copy.deepcopy(model, memo)
 
 
+def pruned_parameters(module: nn.Module) -> list[str]:
+    """Names of ``module``'s parameters reparametrised by ``torch.nn.utils.prune``."""
+    return [hook._tensor_name for hook in module._forward_pre_hooks.values()
+            if isinstance(hook, prune.BasePruningMethod)]
+
+
+def effective_parameter(module: nn.Module, name: str) -> torch.Tensor | None:
+    """``<name>_orig * <name>_mask`` when pruned (always current), else the parameter."""
+    if hasattr(module, name + "_mask"):
+        return getattr(module, name + "_orig") * getattr(module, name + "_mask")
+    return getattr(module, name, None)
+
+
 def make_permanent(model: nn.Module) -> None:
-    """``prune.remove`` on every pruned layer: the zeros become plain weights."""
-    for _, module in prunable_layers(model):
-        if prune.is_pruned(module) and hasattr(module, "weight_mask"):
-            prune.remove(module, "weight")
+    """``prune.remove`` on every pruned parameter of every module (weights, biases, BatchNorm
+    γ/β): the zeros become plain values."""
+    for module in model.modules():
+        for name in pruned_parameters(module):
+            prune.remove(module, name)
+
+
+def all_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``"<module>.<parameter>"`` -> copy of its mask, for every pruned parameter."""
+    return {f"{module_name}.{name}": getattr(module, name + "_mask").detach().clone()
+            for module_name, module in model.named_modules() for name in pruned_parameters(module)}
 
 
 def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     """Reinstate saved masks (e.g. when loading a pruned checkpoint) with
-    ``prune.custom_from_mask``."""
-    for name, module in prunable_layers(model):
-        if name in masks:
-            prune.custom_from_mask(module, "weight", masks[name].to(module.weight.device))
+    ``prune.custom_from_mask``. Keys: a prunable layer's name (its weight) or
+    ``"<module>.<parameter>"``; a key naming nothing in ``model`` is an error."""
+    modules = dict(model.named_modules())
+    layers = dict(prunable_layers(model))
+    for key, mask in masks.items():
+        module_name, name = (key, "weight") if key in layers else (
+            key.rsplit(".", 1) if "." in key else ("", key))
+        module = modules.get(module_name)
+        if module is None or not hasattr(module, name):
+            raise PruningError(f"a mask for {key!r} names no parameter of the model")
+        if tuple(mask.shape) != tuple(getattr(module, name).shape):
+            raise PruningError(f"the mask for {key!r} has shape {tuple(mask.shape)}, the "
+                               f"parameter {tuple(getattr(module, name).shape)}")
+        prune.custom_from_mask(module, name, mask.to(getattr(module, name).device))
 
 
 def masks_from_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Layer name -> ``weight_mask`` for every pruned layer in a saved state dict."""
-    suffix = ".weight_mask"
+    """``"<module>.<parameter>"`` -> mask for every ``*_mask`` entry of a saved state dict."""
+    suffix = "_mask"
     return {key[: -len(suffix)]: value for key, value in state_dict.items()
             if key.endswith(suffix)}
 
@@ -121,10 +155,17 @@ def rewind(model: nn.Module, early_weights: dict[str, torch.Tensor],
     """
     with torch.no_grad():
         for name, module in prunable_layers(model):
-            target = module.weight_orig if hasattr(module, "weight_orig") else module.weight
-            target.copy_(early_weights[name])
-            if module.bias is not None and name in early_biases:
-                module.bias.copy_(early_biases[name])
+            if name not in early_weights:
+                raise PruningError(f"the early weights have no layer {name!r}")
+            for param, early in (("weight", early_weights[name]), ("bias", early_biases.get(name))):
+                target = getattr(module, param + "_orig", getattr(module, param))
+                if early is None or target is None:
+                    continue
+                if tuple(early.shape) != tuple(target.shape):
+                    raise PruningError(
+                        f"cannot rewind layer {name}: early {param} {tuple(early.shape)} does "
+                        f"not match the model's {tuple(target.shape)} (another model's weights?)")
+                target.copy_(early)
 
 
 def layer_weights(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -132,8 +173,9 @@ def layer_weights(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     weights, biases = {}, {}
     for name, module in prunable_layers(model):
         weights[name] = effective_weight(module).detach().clone()
-        if module.bias is not None:
-            biases[name] = module.bias.detach().clone()
+        bias = effective_parameter(module, "bias")
+        if bias is not None:
+            biases[name] = bias.detach().clone()
     return weights, biases
 
 

@@ -26,12 +26,19 @@ from tqdm import tqdm
 from pruning.data import ImageData, batches
 from pruning.errors import PruningError
 from pruning.evaluate import accuracy, pgd_accuracy
-from pruning.objectives import AttackConfig, Objective
+from pruning.objectives import AttackConfig, Objective, scheduled
+
+LR_SCHEDULES = ("cosine", "constant", "step")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Optimiser and schedule. ``lr_schedule`` "cosine" anneals per step to 0."""
+    """Optimiser and schedule.
+
+    ``lr_schedule`` "cosine" anneals per step to 0; "step" multiplies the lr by ``lr_decay``
+    after each epoch listed in ``lr_milestones`` (1-based; empty: after 50 % and 75 % of the
+    epochs); "constant" keeps it.
+    """
 
     epochs: int = 10
     batch_size: int = 128
@@ -39,16 +46,61 @@ class TrainConfig:
     optimizer: str = "adam"  # "adam" or "sgd"
     momentum: float = 0.9
     weight_decay: float = 0.0
-    lr_schedule: str = "cosine"  # "cosine" or "constant"
+    lr_schedule: str = "cosine"  # one of LR_SCHEDULES
+    lr_milestones: tuple[int, ...] = ()
+    lr_decay: float = 0.1
     seed: int = 0
 
     def __post_init__(self):
         if self.optimizer not in ("adam", "sgd"):
             raise PruningError(f"unknown optimizer {self.optimizer!r}; choose 'adam' or 'sgd'")
-        if self.lr_schedule not in ("cosine", "constant"):
-            raise PruningError(f"unknown lr schedule {self.lr_schedule!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise PruningError(f"unknown lr schedule {self.lr_schedule!r}; choose one of "
+                               f"{', '.join(LR_SCHEDULES)}")
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
             raise PruningError("epochs must be ≥ 0, batch size ≥ 1 and lr > 0")
+        if any(m < 1 for m in self.lr_milestones) or not 0 < self.lr_decay <= 1:
+            raise PruningError(f"lr milestones {self.lr_milestones} must be epochs ≥ 1 and the "
+                               f"lr decay {self.lr_decay} in (0, 1]")
+
+    def milestones(self) -> tuple[int, ...]:
+        """The epochs after which a "step" schedule decays the lr."""
+        if self.lr_milestones:
+            return tuple(sorted(self.lr_milestones))
+        return tuple(sorted({max(self.epochs // 2, 1), max(3 * self.epochs // 4, 1)}))
+
+    def lr_at(self, step: int, steps_per_epoch: int) -> float:
+        """The learning rate of optimiser step ``step`` (0-based over the whole run)."""
+        if self.lr_schedule == "cosine":
+            total = max(self.epochs * steps_per_epoch, 1)
+            return self.lr * 0.5 * (1 + math.cos(math.pi * step / total))
+        if self.lr_schedule == "step":
+            epochs_done = step // steps_per_epoch
+            return self.lr * self.lr_decay ** sum(epochs_done >= m for m in self.milestones())
+        return self.lr
+
+
+# The optimiser and schedule each regime trains with unless told otherwise: fast adversarial
+# training as Wong et al. / Andriushchenko & Flammarion (SGD 0.01, momentum 0.9, weight decay
+# 5e-4, step decay); CROWN-IBP as Zhang et al. (Adam 5e-4, step decay). Standard and PGD keep
+# the TrainConfig defaults (Adam 1e-3, cosine).
+REGIME_TRAINING: dict[str, dict] = {
+    "standard": {},
+    "pgd": {},
+    "fgsm": dict(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, lr_schedule="step"),
+    "crown-ibp": dict(optimizer="adam", lr=5e-4, lr_schedule="step"),
+}
+
+
+def regime_train_config(regime: str, **overrides) -> TrainConfig:
+    """``TrainConfig`` with ``regime``'s defaults (``REGIME_TRAINING``), then ``overrides``
+    (keyword arguments that are None are ignored, so unset command-line flags can be passed)."""
+    if regime not in REGIME_TRAINING:
+        raise PruningError(f"unknown training regime {regime!r}; choose one of "
+                           f"{', '.join(REGIME_TRAINING)}")
+    fields = {**REGIME_TRAINING[regime],
+              **{key: value for key, value in overrides.items() if value is not None}}
+    return TrainConfig(**fields)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +147,9 @@ def train(
     ``eval_data``, calls ``after_epoch(epoch, model)``, and saves ``checkpoint`` (model,
     optimiser, generator, history). If ``checkpoint`` exists the run resumes from it; the
     model must then have the same structure (including its pruning masks) as when saved.
-    ``after_step`` runs after each optimiser step (HYDRA refreshes its top-k there).
+    ``after_step`` runs after each optimiser step (HYDRA refreshes its top-k there). Before
+    each step the objective is ``objectives.scheduled(objective, epochs_done)`` (CROWN-IBP's
+    eps ramp follows the step count, so a resumed run continues the ramp where it stopped).
     Returns one record per epoch, resumed epochs included.
     """
     params = [p for p in model.parameters() if p.requires_grad]
@@ -115,8 +169,7 @@ def train(
                                f"or optimiser being trained ({first})") from None
         generator.set_state(state["generator"])
         history = [EpochRecord(**record) for record in state["history"]]
-    steps_per_epoch = math.ceil(len(data) / config.batch_size)
-    total_steps = max(config.epochs * steps_per_epoch, 1)
+    steps_per_epoch = max(math.ceil(len(data) / config.batch_size), 1)
     model.train()
     for epoch in range(len(history) + 1, config.epochs + 1):
         start = time.perf_counter()
@@ -128,10 +181,10 @@ def train(
             leave=False, file=sys.stderr,
         )
         for step, (x, y) in enumerate(bar, start=(epoch - 1) * steps_per_epoch):
-            if config.lr_schedule == "cosine":
+            if config.lr_schedule != "constant":
                 for group in optimizer.param_groups:
-                    group["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
-            loss = objective.loss(model, x, y, generator)
+                    group["lr"] = config.lr_at(step, steps_per_epoch)
+            loss = scheduled(objective, step / steps_per_epoch).loss(model, x, y, generator)
             if not torch.isfinite(loss.detach()):
                 raise PruningError(f"training diverged: loss {loss.item()} at epoch {epoch}")
             optimizer.zero_grad(set_to_none=True)

@@ -1,10 +1,17 @@
 """Pruning methods, one file per family; each is named here once.
 
 A method turns a model (and, for data-driven methods, a ``PruneContext``) into importance
-scores, one tensor per prunable weight (larger = keep); ``pruning.sparsity.prune_by_scores``
-turns scores into ``torch.nn.utils.prune`` masks. A method also says which objective
-fine-tunes the pruned model and which schedule it runs under by default (``imp`` is magnitude
-scores under the iterative schedule with rewinding).
+scores, larger = keep:
+
+- unstructured (``Method.structured`` False): one tensor per prunable weight, shaped like it;
+  ``pruning.sparsity.prune_by_scores`` masks the lowest at an exact weight sparsity;
+- structured (``Method.structured`` True): one ``(n_units,)`` tensor per hidden prunable layer
+  (output channels / neurons; never the classifier); ``methods.structured.prune_channels``
+  removes exactly ``round(fraction · n_units)`` units per scored layer.
+
+Both end as ``torch.nn.utils.prune`` masks. A method also says which objective fine-tunes the
+pruned model and which schedule it runs under by default (``imp`` is magnitude scores under the
+iterative schedule with rewinding).
 """
 from __future__ import annotations
 
@@ -27,7 +34,9 @@ class PruneContext:
 
     ``objective`` is the training regime's loss (standard or PGD); ``attack.eps`` is the radius
     of the stability loss's input ball; ``score_training`` configures HYDRA-style score
-    learning; ``stability_weight`` weighs the ReLU-stability loss (see ``methods.stability``).
+    learning (and slim's sparsity training); ``stability_weight`` weighs the ReLU-stability loss
+    (see ``methods.stability``); ``score_batches`` is how many mini-batches snip / taylor
+    accumulate gradients over.
     """
 
     data: ImageData
@@ -37,6 +46,8 @@ class PruneContext:
     dtype: torch.dtype = torch.float32
     score_training: TrainConfig = TrainConfig(epochs=2, lr=1e-3)
     stability_weight: float = 0.5
+    score_batches: int | None = None  # snip / taylor: None = the method's default
+    slim_penalty: float = 1e-4  # λ of slim's L1 penalty on BatchNorm γ (Liu et al. 2017)
     seed: int = 0
     progress: bool = False
 
@@ -56,10 +67,11 @@ class Method:
     scores: ScoreFn  # (model, sparsity, scope, ctx) -> scores
     finetune_objective: ObjectiveFn = regime_objective
     schedule: str = "one-shot"  # default schedule: "one-shot" or "iterative"
+    structured: bool = False  # scores are per output unit; sparsity is a channel fraction
 
 
 def _methods() -> dict[str, Method]:
-    from pruning.methods import hydra, stability, unstructured
+    from pruning.methods import gradient, hydra, nrs, stability, structured, unstructured
 
     return {
         "random": Method("random", unstructured.random_scores),
@@ -68,6 +80,13 @@ def _methods() -> dict[str, Method]:
         "hydra": Method("hydra", hydra.hydra_scores),
         "stability": Method("stability", stability.stability_scores,
                             finetune_objective=stability.stability_objective),
+        "snip": Method("snip", gradient.snip_scores),
+        "taylor": Method("taylor", gradient.taylor_scores),
+        "slim": Method("slim", structured.slim_scores, structured=True),
+        "l1-channel": Method("l1-channel", structured.l1_channel_scores, structured=True),
+        "refill": Method("refill", structured.refill_scores, structured=True),
+        "nrs": Method("nrs", nrs.nrs_scores, finetune_objective=nrs.nrs_objective,
+                      structured=True),
     }
 
 

@@ -1,0 +1,219 @@
+"""Structured pruning: remove whole output channels (Conv2d) / neurons (Linear).
+
+A structured method scores the output *units* of every hidden prunable layer (never the
+classifier's outputs, which are the classes); ``prune_channels`` then removes, in every scored
+layer, exactly ``round(fraction · n_units)`` units (the lowest scores), with
+``torch.nn.utils.prune.custom_from_mask`` on
+
+- the layer's weight (the unit's whole filter / row) and its bias entry, and
+- the γ (``weight``) and β (``bias``) entries of the BatchNorm that normalises the layer's
+  outputs (the first BatchNorm of matching width before the next prunable layer),
+
+so a removed unit is exactly dead: its pre-activation is ``0·x + 0 = 0`` and, with BatchNorm,
+``γ·(0 − μ)/σ + β = 0·(…) + 0 = 0`` in eval mode and in training mode alike (the batch of a
+constant-zero channel has mean 0, and γ = β = 0 anyway), so the ReLU outputs 0 and the next
+layer reads nothing from it. ``pruning.compact`` then deletes such units physically.
+
+Methods (``scores(model, fraction, scope, ctx) -> {layer name: (n_units,)}``, larger = keep):
+
+- ``slim`` (Liu et al., ICCV 2017, network slimming): train for ``ctx.score_training`` epochs
+  on the regime's loss + ``λ·Σ|γ|`` over every BatchNorm γ (λ = ``ctx.slim_penalty``, 1e-4
+  as in the paper), **in place** (the sparsity-inducing training is part of the method), then
+  score each unit by its ``|γ|``. Only layers followed by a BatchNorm are pruned; a model with
+  no BatchNorm is an error.
+- ``l1-channel`` (Li et al., ICLR 2017, pruning filters): the L1 norm of the unit's filter.
+- ``refill`` (IMP-refill, Chen et al. 2022): unstructured magnitude pruning at sparsity
+  ``fraction`` (global or per layer, by ``scope``) is simulated; units are ranked by how many of
+  their weights survive it (ties by the surviving L1 mass); the kept units are kept *whole*,
+  i.e. refilled densely with their trained weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from pruning.errors import PruningError
+from pruning.models import effective_weight, prunable_layers
+from pruning.sparsity import check_sparsity, effective_parameter, pruned_parameters
+from pruning.train import train
+
+_BatchNorm = nn.modules.batchnorm._BatchNorm
+
+ChannelScores = dict[str, torch.Tensor]  # layer name -> (n_units,) scores, larger = keep
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ChannelGroup:
+    """A hidden prunable layer's output units and the BatchNorm (if any) normalising them."""
+
+    name: str
+    layer: nn.Module
+    batch_norm: nn.Module | None = None
+
+    @property
+    def n_units(self) -> int:
+        return self.layer.weight_orig.shape[0] if hasattr(self.layer, "weight_orig") \
+            else self.layer.weight.shape[0]
+
+    def members(self) -> list[tuple[nn.Module, str]]:
+        """The ``(module, parameter)`` pairs indexed by unit along their first dimension."""
+        members = [(self.layer, "weight")]
+        if effective_parameter(self.layer, "bias") is not None:
+            members.append((self.layer, "bias"))
+        if self.batch_norm is not None and self.batch_norm.affine:
+            members += [(self.batch_norm, "weight"), (self.batch_norm, "bias")]
+        return members
+
+
+def channel_groups(model: nn.Module) -> list[ChannelGroup]:
+    """Every prunable layer except the last (the classifier), in module order, each with the
+    first BatchNorm of matching width between it and the next prunable layer."""
+    leaves = [(n, m) for n, m in model.named_modules() if not list(m.children())]
+    prunable = {name for name, _ in prunable_layers(model)}
+    groups: list[ChannelGroup] = []
+    current: tuple[str, nn.Module, nn.Module | None] | None = None
+    for name, module in leaves:
+        if name in prunable:
+            if current is not None:
+                groups.append(ChannelGroup(*current))
+            current = (name, module, None)
+        elif isinstance(module, _BatchNorm) and current is not None and current[2] is None:
+            if module.num_features == ChannelGroup(current[0], current[1]).n_units:
+                current = (current[0], current[1], module)
+    return groups  # the last prunable layer (the classifier) is never appended
+
+
+def alive_units(group: ChannelGroup) -> torch.Tensor:
+    """(n_units,) bool: units whose filter / row has a non-zero effective weight."""
+    return effective_weight(group.layer).detach().flatten(1).ne(0).any(1)
+
+
+def channel_report(model: nn.Module) -> dict[str, dict[str, int]]:
+    """Per hidden prunable layer: ``{"kept": alive units, "total": units}``."""
+    return {g.name: {"kept": int(alive_units(g).sum()), "total": g.n_units}
+            for g in channel_groups(model)}
+
+
+def _mask_units(group: ChannelGroup, keep: torch.Tensor) -> None:
+    """Mask every member parameter of the units where ``keep`` (bool (n_units,)) is False."""
+    for module, name in group.members():
+        value = effective_parameter(module, name)
+        shape = (-1,) + (1,) * (value.dim() - 1)
+        mask = keep.view(shape).expand_as(value).to(value.dtype)
+        prune.custom_from_mask(module, name, mask)
+
+
+def check_channel_fraction(model: nn.Module, fraction: float) -> None:
+    """A channel fraction must be in [0, 1) and leave every hidden layer at least one unit."""
+    check_sparsity(fraction)
+    for group in channel_groups(model):
+        if round(fraction * group.n_units) >= group.n_units:
+            raise PruningError(
+                f"channel fraction {fraction} would remove all {group.n_units} units of layer "
+                f"{group.name}; use a fraction below "
+                f"{(group.n_units - 0.5) / group.n_units:.4g}")
+
+
+def prune_channels(model: nn.Module, scores: ChannelScores, fraction: float) -> None:
+    """Remove exactly ``round(fraction · n_units)`` units of every layer named in ``scores``
+    (the lowest-scored; units already dead count towards it and are removed first).
+
+    scores: layer name -> (n_units,). A fraction that removes every unit of a layer, or is
+    below what a layer has already lost, is an error.
+    """
+    check_channel_fraction(model, fraction)
+    groups = {g.name: g for g in channel_groups(model)}
+    for name, score in scores.items():
+        if name not in groups:
+            raise PruningError(f"layer {name!r} has no prunable output channels (unknown "
+                               "layer or the classifier)")
+        group = groups[name]
+        n_remove = round(fraction * group.n_units)
+        alive = alive_units(group)
+        n_dead = int((~alive).sum())
+        if n_remove < n_dead:
+            raise PruningError(f"layer {name} already has {n_dead} of {group.n_units} units "
+                               f"removed, more than the fraction {fraction} allows ({n_remove})")
+        if tuple(score.shape) != (group.n_units,):
+            raise PruningError(f"channel scores of layer {name} have shape "
+                               f"{tuple(score.shape)}, expected ({group.n_units},)")
+        ranked = torch.where(alive.cpu(), score.detach().to(torch.float64).cpu(), -torch.inf)
+        order = torch.argsort(ranked, stable=True)
+        keep = torch.ones(group.n_units, dtype=torch.bool)
+        keep[order[:n_remove]] = False
+        _mask_units(group, keep.to(alive.device))
+
+
+def mask_existing_zeros(model: nn.Module) -> None:
+    """Mask the zeros of an already pruned, ``prune.remove``d model so that pruning and
+    fine-tuning it again keeps them: every zero weight of a prunable layer and, for units whose
+    filter is all zero, their zero bias and zero BatchNorm γ/β entries."""
+    for _, module in prunable_layers(model):
+        prune.custom_from_mask(module, "weight", (effective_weight(module) != 0)
+                               .to(effective_weight(module).dtype))
+    for group in channel_groups(model):
+        dead = ~alive_units(group)
+        for module, name in group.members()[1:]:
+            if name in pruned_parameters(module):
+                continue
+            value = getattr(module, name).detach()
+            prune.custom_from_mask(module, name, (~(dead & (value == 0))).to(value.dtype))
+
+
+# ------------------------------------------------------------------ methods
+
+def l1_channel_scores(model: nn.Module, fraction: float, scope: str, ctx) -> ChannelScores:
+    """The L1 norm of each unit's filter / row (Li et al. 2017)."""
+    return {g.name: effective_weight(g.layer).detach().flatten(1).abs().sum(1)
+            for g in channel_groups(model)}
+
+
+def refill_scores(model: nn.Module, fraction: float, scope: str, ctx) -> ChannelScores:
+    """Units ranked by how many of their weights survive magnitude pruning at ``fraction``."""
+    groups = channel_groups(model)
+    magnitudes = {name: effective_weight(m).detach().abs() for name, m in prunable_layers(model)}
+    scoped = [list(magnitudes)] if scope == "global" else [[name] for name in magnitudes]
+    survives = {}
+    for names in scoped:
+        flat = torch.cat([magnitudes[n].flatten() for n in names])
+        n_keep = flat.numel() - round(fraction * flat.numel())
+        threshold = torch.topk(flat, n_keep).values[-1] if n_keep > 0 else flat.max() + 1
+        for n in names:
+            survives[n] = (magnitudes[n] >= threshold) & (magnitudes[n] > 0)
+    scores = {}
+    for g in groups:
+        count = survives[g.name].flatten(1).sum(1).to(torch.float64)
+        mass = (magnitudes[g.name] * survives[g.name]).flatten(1).sum(1).to(torch.float64)
+        scores[g.name] = count + 0.5 * mass / (mass.max() + 1e-12)  # mass only breaks ties
+    return scores
+
+
+@dataclasses.dataclass(frozen=True)
+class _SlimPenalty:
+    """The regime's loss + ``penalty · Σ|γ|`` over the given BatchNorms (Liu et al. 2017)."""
+
+    base: object
+    batch_norms: tuple[nn.Module, ...]
+    penalty: float
+
+    def loss(self, model, x, y, generator):
+        gammas = sum(effective_parameter(bn, "weight").abs().sum() for bn in self.batch_norms)
+        return self.base.loss(model, x, y, generator) + self.penalty * gammas
+
+
+def slim_scores(model: nn.Module, fraction: float, scope: str, ctx) -> ChannelScores:
+    """Network slimming: L1-on-γ training of ``model`` itself, then ``|γ|`` per unit."""
+    groups = [g for g in channel_groups(model) if g.batch_norm is not None
+              and g.batch_norm.affine]
+    if not groups:
+        raise PruningError("method slim needs BatchNorm layers (it ranks channels by their BN "
+                           "scale γ); this model has none after its hidden layers")
+    if ctx.score_training.epochs > 0:
+        objective = _SlimPenalty(ctx.objective, tuple(g.batch_norm for g in groups),
+                                 ctx.slim_penalty)
+        train(model, objective, ctx.data, ctx.score_training, progress=ctx.progress,
+              desc="slim")
+    return {g.name: effective_parameter(g.batch_norm, "weight").detach().abs() for g in groups}
