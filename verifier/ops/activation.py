@@ -47,22 +47,36 @@ class ReLU(Op):
         """lA, uA: (N, S, *shape); alpha_l, alpha_u: optional lower slopes of unstable neurons,
         (N, S, *shape) or broadcastable, used on the lA (resp. uA) side."""
         upper_slope, upper_intercept, lower_slope, unstable = self.relaxation(b)
-        up_s, up_i = upper_slope.unsqueeze(1), upper_intercept.unsqueeze(1)
+        up_s = upper_slope.unsqueeze(1)
         lA_in = uA_in = None
         lbias = ubias = 0.0
-        if lA is not None:
+        if lA is not None:   # a lower bound takes the lower line where A >= 0, the upper one elsewhere
             lo = lower_slope.unsqueeze(1) if alpha_l is None else torch.where(
                 unstable.unsqueeze(1), alpha_l, lower_slope.unsqueeze(1))
-            pos, neg = lA.clamp(min=0), lA.clamp(max=0)
-            lA_in = pos * lo + neg * up_s
-            lbias = contract(neg, up_i)
+            lA_in, lbias = _through_lines(lA, lo, up_s, upper_intercept, intercept_on_negative=True)
         if uA is not None:
             lo = lower_slope.unsqueeze(1) if alpha_u is None else torch.where(
                 unstable.unsqueeze(1), alpha_u, lower_slope.unsqueeze(1))
-            pos, neg = uA.clamp(min=0), uA.clamp(max=0)
-            uA_in = pos * up_s + neg * lo
-            ubias = contract(pos, up_i)
+            uA_in, ubias = _through_lines(uA, up_s, lo, upper_intercept, intercept_on_negative=False)
         return BackwardResult([(lA_in, uA_in)], lbias, ubias)
+
+
+def _through_lines(A: Tensor, slope_nonneg: Tensor, slope_neg: Tensor, intercept: Tensor,
+                   intercept_on_negative: bool) -> tuple[Tensor, Tensor]:
+    """A (N, S, *shape) through per-neuron lines, the line chosen by the sign of each entry of A:
+    coefficient ``A * slope`` (slopes broadcastable to A) and bias ``sum A * intercept`` over the
+    entries of one sign (intercept (N, *shape): the upper line's, the only non-zero one). As
+    ``A * slope_nonneg + min(A, 0) * (slope_neg - slope_nonneg)``: the elementwise passes over A
+    are what ReLU backward costs, and this form takes the fewest.
+    Returns (A_in (N, S, *shape), bias (N, S))."""
+    negative = A.clamp(max=0)
+    A_in = A * slope_nonneg
+    A_in.addcmul_(negative, slope_neg - slope_nonneg)
+    column = intercept.flatten(1).unsqueeze(-1)                      # (N, n, 1)
+    bias = torch.bmm(negative.flatten(2), column).squeeze(-1)
+    if not intercept_on_negative:
+        bias = torch.bmm(A.flatten(2), column).squeeze(-1) - bias
+    return A_in, bias
 
 
 class _SShaped(Op):
