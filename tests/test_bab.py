@@ -13,7 +13,7 @@ from verifier.bab.config import BabConfig
 from verifier.bounds.crown import SplitState, crown_bounds, output_bounds
 from verifier.io.vnnlib import InputRegion, OutputConstraint, Property
 from verifier.ops import Bounds
-from verifier.verify import VerifyConfig, verify
+from verifier.verify import VerificationResult, VerifyConfig, verify
 
 
 def tiny_net(seed: int, n_in=2, hidden=(8, 8), n_out=2) -> nn.Sequential:
@@ -142,3 +142,18 @@ def test_timeout_is_honoured():
     elapsed = time.monotonic() - start
     assert result.status in ("timeout", "unsat", "sat")
     assert elapsed < 2.0 + 1.0
+
+
+def test_wall_clock_alarm_ends_a_bounding_step_that_overruns_the_deadline():
+    """The CLI's safety net: a verify() stuck in one long step past its deadline answers timeout
+    half a second after it, not a late verdict."""
+    from verifier.cli import _verify_within
+
+    def stuck(model, prop, config, log):
+        time.sleep(10)
+        return VerificationResult("unsat", 10.0)
+
+    start = time.monotonic()
+    result = _verify_within(stuck, None, None, VerifyConfig(timeout=0.3), lambda s: None)
+    assert result.status == "timeout"
+    assert time.monotonic() - start < 1.5

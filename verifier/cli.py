@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from importlib.metadata import entry_points
@@ -106,7 +107,7 @@ def run_verify(args) -> int:
     config = VerifyConfig(timeout=max(0.0, args.timeout - (time.perf_counter() - t0)),
                           bab=BabConfig(branching=args.branching, input_split=args.input_split),
                           complete=not args.no_bab)
-    result = verify(model, prop, config, log)
+    result = _verify_within(verify, model, prop, config, log)
     if args.result_file:
         with open(args.result_file, "w") as f:
             f.write(format_result(result))
@@ -118,6 +119,38 @@ def run_verify(args) -> int:
         log(f"{result.records.count} subdomains bounded, max depth {result.records.max_depth()}")
     print(f"{result.status} {time.perf_counter() - t0:.3f}")
     return 0
+
+
+class _WallClockExpired(Exception):
+    pass
+
+
+def _verify_within(verify, model, prop, config, log):
+    """verify() stops itself at its deadline between bounding steps; a wall-clock alarm half a
+    second later is the safety net for a step that overruns it (a long batch on a loaded machine):
+    the answer is then ``timeout``, never a late verdict."""
+    from .verify import VerificationResult
+
+    running = [True]
+
+    def expire(signum, frame):
+        if running[0]:
+            raise _WallClockExpired()
+
+    start = time.monotonic()
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, config.timeout + 0.5)
+    try:
+        result = verify(model, prop, config, log)
+        running[0] = False
+        return result
+    except _WallClockExpired:
+        log("wall-clock limit reached inside a bounding step")
+        return VerificationResult("timeout", time.monotonic() - start)
+    finally:
+        running[0] = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -65,7 +65,7 @@ def unstable_per_layer(graph, bounds: list) -> list[int]:
 
 
 def region_lower_margins(model: BoundedModel, spec: RegionSpec, config: VerifyConfig, always_alpha: bool = False,
-                         root: Optional[RootRecord] = None):
+                         root: Optional[RootRecord] = None, deadline: Optional[float] = None):
     """Sound lower bounds (1, R) of the margins C y - rhs over the region's box, and the
     intermediate bounds behind them: CROWN first, then alpha-CROWN if CROWN does not prove it
     (or ``always_alpha``). ``root`` receives the worst-disjunct bound of each method run."""
@@ -82,7 +82,7 @@ def region_lower_margins(model: BoundedModel, spec: RegionSpec, config: VerifyCo
         if root is not None and not graph.relu_nodes():   # no relaxation to optimise: alpha = CROWN
             root.alpha, root.unstable["alpha"] = root.crown, []
         return margins, bounds
-    lb, _, bounds, _ = alpha_crown(graph, box, C, config.alpha, need_upper=False, initial=bounds)
+    lb, _, bounds, _ = alpha_crown(graph, box, C, config.alpha, need_upper=False, initial=bounds, deadline=deadline)
     margins = torch.maximum(margins, lb - spec.rhs)
     if root is not None:
         root.alpha, root.unstable["alpha"] = float(spec.worst(margins)[0]), unstable_per_layer(graph, bounds)
@@ -153,7 +153,7 @@ def verify(model: BoundedModel, prop: Property, config: VerifyConfig = VerifyCon
             return VerificationResult("timeout", elapsed(), records=records)
     roots = []
     for i, spec in enumerate(specs):
-        margins, bounds = region_lower_margins(model, spec, config, root=records.root(i))
+        margins, bounds = region_lower_margins(model, spec, config, root=records.root(i), deadline=deadline)
         roots.append((margins, bounds))
         log(f"region {i}: worst disjunct lower margin {float(spec.worst(margins)[0]):.6g}")
         if time.monotonic() > deadline:

@@ -115,6 +115,7 @@ class ReluSplitSearch:
         self.alpha_config = AlphaConfig(iterations=config.alpha_iterations, lr=config.alpha_lr,
                                         optimize_intermediate=False, early_stop_patience=config.alpha_iterations)
         self.stuck = False
+        self.deadline: Optional[float] = None
 
     # ---- bounding ------------------------------------------------------------------------
     def bound(self, signs: dict[int, Tensor], reference: list[Optional[Bounds]], alphas: dict[int, Tensor],
@@ -135,7 +136,8 @@ class ReluSplitSearch:
         warm = {(out, r): (a, None) for r, a in alphas.items()}
         record: dict[int, Tensor] = {}
         lb, _, _, new_alphas = alpha_crown(self.graph, box, C, self.alpha_config, need_upper=False,
-                                           initial=bounds, splits=splits, warm=warm, record=record)
+                                           initial=bounds, splits=splits, warm=warm, record=record,
+                                           deadline=self.deadline)
         alphas_out = {r: new_alphas[(out, r)][0].detach() for r in self.layout.relus if (out, r) in new_alphas}
         return lb - spec.rhs, bounds, alphas_out, {z: b.detach() for z, b in live_betas.items()}, record, box
 
@@ -229,6 +231,7 @@ class ReluSplitSearch:
     def run(self, deadline: float, reference: Optional[list[Optional[Bounds]]] = None) -> tuple[str, Optional[tuple]]:
         if not self.layout.relus:
             return "unknown", None
+        self.deadline = deadline
         store = self.root(reference)
         batch = self.config.relu_batch
         last_log = time.monotonic()

@@ -5,6 +5,8 @@ kept -- stopping early never costs soundness.
 """
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass
 from typing import Optional
 
@@ -57,7 +59,8 @@ def init_alphas(graph: BoundGraph, starts: dict[int, int], bounds: list[Optional
 def alpha_crown(graph: BoundGraph, box: Bounds, C: Tensor, config: AlphaConfig = AlphaConfig(),
                 need_upper: bool = True, initial: Optional[list[Optional[Bounds]]] = None,
                 splits: Optional[SplitState] = None, warm: Optional[Alphas] = None,
-                extra_params: Optional[list[Tensor]] = None, record: Optional[dict[int, Tensor]] = None):
+                extra_params: Optional[list[Tensor]] = None, record: Optional[dict[int, Tensor]] = None,
+                deadline: Optional[float] = None):
     """Optimised bounds of ``C @ output`` over the box.
 
     C: (N, S, *output_shape). initial: CROWN bounds to start from (computed if None).
@@ -66,6 +69,8 @@ def alpha_crown(graph: BoundGraph, box: Bounds, C: Tensor, config: AlphaConfig =
     Returns (lb, ub, bounds, alphas): lb, ub (N, S) best over iterations (ub None without
     need_upper), the tightest intermediate bounds seen, and the final slopes for warm starts.
     ``record`` receives the coefficients of the final pass (see ``backward_bound``).
+    ``deadline`` (time.monotonic()) ends the optimisation early; every iterate is sound, so the
+    best bounds so far are returned.
     """
     with torch.no_grad():
         if initial is None:
@@ -87,10 +92,11 @@ def alpha_crown(graph: BoundGraph, box: Bounds, C: Tensor, config: AlphaConfig =
             lb, ub = output_bounds(graph, box, C, initial, need_upper, splits=splits, record=record)
         return lb, ub, initial, alphas
     with torch.enable_grad():   # the slopes are optimised by gradient even under a caller's no_grad
-        return _optimise(graph, box, C, config, need_upper, initial, splits, alphas, params, betas, rows, record)
+        return _optimise(graph, box, C, config, need_upper, initial, splits, alphas, params, betas, rows, record,
+                         deadline)
 
 
-def _optimise(graph, box, C, config, need_upper, initial, splits, alphas, params, betas, rows, record):
+def _optimise(graph, box, C, config, need_upper, initial, splits, alphas, params, betas, rows, record, deadline):
     optimizer = torch.optim.Adam(params, lr=config.lr)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, config.lr_decay)
     best_lb = best_ub = None
@@ -110,6 +116,8 @@ def _optimise(graph, box, C, config, need_upper, initial, splits, alphas, params
                 best_bounds = [b if (b is None or r is None) else
                                Bounds(torch.maximum(b.lower.detach(), r.lower), torch.minimum(b.upper.detach(), r.upper))
                                for b, r in zip(bounds, best_bounds)]
+        if deadline is not None and time.monotonic() > deadline:
+            break
         objective = lb.sum() - (ub.sum() if need_upper else 0)
         value = float(objective.detach())
         if value > best_objective + 1e-6 * max(1.0, abs(best_objective)):
