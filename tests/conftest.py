@@ -298,3 +298,32 @@ def pytest_collection_modifyitems(items):
             if _pattern(glob).match(item.name):
                 item.add_marker(pytest.mark.xfail(strict=True, reason=reason))
                 break
+
+
+# ---- shared by the pruning tests ---------------------------------------------------------------
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tests run tiny tensors: thread start-up (and, on a shared 2-core machine, a descheduled
+    second thread) costs more than it saves. One thread for the whole suite."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def synthetic_images(n: int = 64, shape: tuple[int, ...] = (1, 10, 10), classes: int = 3, seed: int = 0):
+    """A random image data set: images (n, *shape) uniform in [0, 1], labels (n,) in [0, classes)."""
+    from pruning.data import ImageData
+    rng = torch.Generator().manual_seed(seed)
+    return ImageData(torch.rand(n, *shape, generator=rng), torch.randint(0, classes, (n,), generator=rng))
+
+
+def prune_context(data, **overrides):
+    """A PruneContext for tiny tests: standard loss, a 2-step attack, one epoch of score training."""
+    from pruning.methods import PruneContext
+    from pruning.objectives import AttackConfig, Standard
+    from pruning.train import TrainConfig
+    fields = dict(data=data, objective=Standard(), attack=AttackConfig(eps=0.05, steps=2),
+                  score_training=TrainConfig(epochs=1, batch_size=16), seed=0)
+    fields.update(overrides)
+    return PruneContext(**fields)

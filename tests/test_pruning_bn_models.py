@@ -15,14 +15,6 @@ from verifier import BoundedModel
 TOLERANCE = 1e-5  # float32 rounding slack, relative to 1 + |value|
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: thread start-up dominates on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # (model, dataset) -> in_features of every Linear
 FC_SHAPES = {

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import prune_context, synthetic_images
 from pruning import cli
-from pruning.data import ImageData
 from pruning.methods import METHOD_NAMES, PruneContext, get_method
 from pruning.methods.nrs import (
     NRSConfig, channel_nrs, default_rs_weight, nrs_loss, nrs_objective, nrs_scores, nrs_terms,
@@ -26,14 +26,6 @@ from verifier import BoundedModel
 DATA = str(Path(__file__).parent / "data" / "pruning")
 GAMMA_EPS = NRSConfig().gamma_eps
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: thread start-up dominates on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _hand_net() -> nn.Sequential:
@@ -110,16 +102,11 @@ def _bn_cnn() -> nn.Sequential:
                          nn.Linear(6 * 3 * 3, 10), nn.ReLU(), nn.Linear(10, 3))
 
 
-GENERATOR = torch.Generator().manual_seed(0)
-SYNTHETIC = ImageData(torch.rand(64, 1, 10, 10, generator=GENERATOR),
-                      torch.randint(0, 3, (64,), generator=GENERATOR))
+SYNTHETIC = synthetic_images()
 
 
 def _context(**overrides) -> PruneContext:
-    fields = dict(data=SYNTHETIC, objective=Standard(), attack=AttackConfig(eps=0.05, steps=2),
-                  score_training=TrainConfig(epochs=1, batch_size=16), seed=0)
-    fields.update(overrides)
-    return PruneContext(**fields)
+    return prune_context(SYNTHETIC, **overrides)
 
 
 @pytest.fixture(scope="module")

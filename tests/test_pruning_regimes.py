@@ -22,14 +22,6 @@ from verifier import BoundedModel
 DATA = str(Path(__file__).parent / "data" / "pruning")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: thread start-up dominates on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _two_feature_task(n: int, seed: int) -> ImageData:
     """Two classes on 1×6×6 images: 4 'robust' pixels at 0.5 ± 0.25 (noise 0.15) and 32

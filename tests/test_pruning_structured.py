@@ -8,14 +8,14 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import prune_context, synthetic_images
 from pruning import cli
-from pruning.data import ImageData
 from pruning.errors import PruningError
 from pruning.methods import PruneContext, get_method
 from pruning.methods.structured import (
     alive_units, channel_groups, channel_report, mask_existing_zeros, prune_channels,
 )
-from pruning.objectives import AttackConfig, Standard
+from pruning.objectives import Standard
 from pruning.sparsity import clone_model, effective_parameter, make_permanent
 from pruning.train import TrainConfig, train
 
@@ -37,16 +37,11 @@ def _mlp() -> nn.Sequential:
                          nn.ReLU(), nn.Linear(9, 3))
 
 
-GENERATOR = torch.Generator().manual_seed(0)
-SYNTHETIC = ImageData(torch.rand(64, 1, 10, 10, generator=GENERATOR),
-                      torch.randint(0, 3, (64,), generator=GENERATOR))
+SYNTHETIC = synthetic_images()
 
 
 def _context(**overrides) -> PruneContext:
-    fields = dict(data=SYNTHETIC, objective=Standard(), attack=AttackConfig(eps=0.05, steps=2),
-                  score_training=TrainConfig(epochs=1, batch_size=16), seed=0)
-    fields.update(overrides)
-    return PruneContext(**fields)
+    return prune_context(SYNTHETIC, **overrides)
 
 
 @pytest.fixture(scope="module")
