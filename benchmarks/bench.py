@@ -136,18 +136,18 @@ def run_all(pending: list[Instance], args, writer: ResultWriter, reference: dict
     extra = shlex.split(args.verify_args or "")
     if args.threads:
         extra += ["--threads", str(args.threads)]
-    version = source_version()
     counts = {"sat": 0, "unsat": 0, "other": 0, "WRONG": 0}
     bar = tqdm(total=len(pending), unit="inst", dynamic_ncols=True, file=sys.stderr)
 
     def one(inst: Instance):
         timeout = inst.timeout * args.timeout_scale
-        return inst, timeout, run_instance(inst, timeout, args.grace, extra)
+        version = source_version()   # at the instance's start: the source may change during a long run
+        return inst, timeout, version, run_instance(inst, timeout, args.grace, extra)
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         futures = [pool.submit(one, inst) for inst in pending]
         for future in as_completed(futures):
-            inst, timeout, out = future.result()
+            inst, timeout, version, out = future.result()
             writer.append({"benchmark": inst.benchmark, "onnx": inst.onnx, "vnnlib": inst.vnnlib,
                            "result": out.result, "seconds": f"{out.seconds:.3f}", "timeout": f"{timeout:g}",
                            "exit_code": out.exit_code, "commit": version,
