@@ -56,7 +56,8 @@ def _linear_over_box(A: Tensor, center: Tensor, radius: Tensor, sign: float) -> 
     if A.shape[0] > 1 and A.stride(0) == 0:
         A0 = A[0]
         return center @ A0.t() + sign * (radius @ A0.abs().t())
-    return torch.bmm(A, center.unsqueeze(-1)).squeeze(-1) + sign * torch.bmm(A.abs(), radius.unsqueeze(-1)).squeeze(-1)
+    # sums of products rather than bmm: a batched matrix-vector product is 2-4x slower on CPU
+    return (A * center.unsqueeze(1)).sum(-1) + sign * A.abs().mul_(radius.unsqueeze(1)).sum(-1)
 
 
 # Elements of one chunk of ``A W`` in _linear_then_box: small enough to stay in cache.
@@ -82,9 +83,9 @@ def _linear_then_box(lA: Optional[Tensor], uA: Optional[Tensor], op: Linear, box
         out = torch.empty(N, S, dtype=A.dtype, device=A.device)
         for n in range(0, N, step):
             AW = A[n:n + step].matmul(W)                                   # (n_c, S, d)
-            part = torch.bmm(AW, center[n:n + step].unsqueeze(-1))
-            part += sign * torch.bmm(AW.abs_(), radius[n:n + step].unsqueeze(-1))
-            out[n:n + step] = part.squeeze(-1)
+            part = (AW * center[n:n + step].unsqueeze(1)).sum(-1)
+            part += sign * AW.abs_().mul_(radius[n:n + step].unsqueeze(1)).sum(-1)
+            out[n:n + step] = part
         return out + offset
 
     return (None if lA is None else bound(lA, -1.0)), (None if uA is None else bound(uA, 1.0))

@@ -72,10 +72,11 @@ def _through_lines(A: Tensor, slope_nonneg: Tensor, slope_neg: Tensor, intercept
     negative = A.clamp(max=0)
     A_in = A * slope_nonneg
     A_in.addcmul_(negative, slope_neg - slope_nonneg)
-    column = intercept.flatten(1).unsqueeze(-1)                      # (N, n, 1)
-    bias = torch.bmm(negative.flatten(2), column).squeeze(-1)
+    # sums of products rather than bmm: a batched matrix-vector product is 2-4x slower on CPU
+    row = intercept.unsqueeze(1)                                     # (N, 1, *shape)
+    bias = contract(negative, row)
     if not intercept_on_negative:
-        bias = torch.bmm(A.flatten(2), column).squeeze(-1) - bias
+        bias = contract(A, row) - bias
     return A_in, bias
 
 
