@@ -157,3 +157,34 @@ def test_wall_clock_alarm_ends_a_bounding_step_that_overruns_the_deadline():
     result = _verify_within(stuck, None, None, VerifyConfig(timeout=0.3), lambda s: None)
     assert result.status == "timeout"
     assert time.monotonic() - start < 1.5
+
+
+def _narrow_dip_net() -> nn.Sequential:
+    """f(x) = 1 - 4000 relu(x - 0.5) + 8000 relu(x - 0.5005) - 4000 relu(x - 0.501) on x in [0, 1]:
+    1 everywhere but a dip to -1 at 0.5005, negative only on (0.50025, 0.50075); flat (zero
+    gradient) outside [0.5, 0.501], so PGD finds the dip only from a start inside it."""
+    net = nn.Sequential(nn.Linear(1, 3), nn.ReLU(), nn.Linear(3, 1)).double()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.ones(3, 1))
+        net[0].bias.copy_(torch.tensor([-0.5, -0.5005, -0.501]))
+        net[2].weight.copy_(torch.tensor([[-4000.0, 8000.0, -4000.0]]))
+        net[2].bias.fill_(1.0)
+    return net.eval()
+
+
+def test_wide_attack_finds_a_counterexample_that_few_restarts_miss():
+    from verifier.attack import AttackConfig, pgd_search
+    from verifier.bab.input_split import WideAttacks
+    from verifier.spec import region_specs
+    from verifier.verify import concrete_evaluator, make_checker
+    model = BoundedModel(_narrow_dip_net(), dtype=torch.float64)
+    graph = model.graph((1,))
+    prop = property_for(np.array([1.0]), 0.0, np.zeros(1), np.ones(1))   # violated where f(x) <= 0
+    spec = region_specs(prop, graph.input_shape, model.device, model.dtype)[0]
+    assert pgd_search(graph.forward, spec, AttackConfig(restarts=20)).point is None
+    check = make_checker(graph, spec, concrete_evaluator(model))
+    attacks = WideAttacks(graph, spec, check, BabConfig(attack_after=0.0), time.monotonic() + 30)
+    found = attacks.maybe_run()
+    assert found is not None
+    x, y = found
+    assert 0.50025 <= float(x[0]) <= 0.50075 and float(y[0]) <= 0

@@ -17,3 +17,10 @@ class BabConfig:
     alpha_lr: float = 0.1
     beta_lr: float = 0.05
     min_box_width: float = 1e-7      # input boxes are not split below this width
+    # input splitting also runs wide PGD attacks on the whole box (cheap for few inputs: a
+    # counterexample can hide in a region too small for 20 restarts): the first after
+    # attack_after seconds of splitting with attack_restarts, each next one 4x wider, taking at
+    # most attack_share of the time spent splitting
+    attack_after: float = 1.0
+    attack_restarts: int = 10_000
+    attack_share: float = 0.1
