@@ -31,7 +31,7 @@ class Domains:
     """A batch of M subdomains of one region and one disjunct (R rows)."""
 
     signs: dict[int, Tensor]            # z node -> (M, *shape) in {-1, 0, +1}
-    bounds: list[Optional[Bounds]]      # per node, (M, *shape) where a relaxation needs them
+    bounds: list[Optional[Bounds]]      # per node, (M, *shape) where a relaxation needs them, else None
     alphas: dict[int, Tensor]           # relu node -> (M, R, *shape) lower slopes, output objective
     betas: dict[int, Tensor]            # z node -> (M, 1, *shape) >= 0
     lower: Tensor                       # (M,) best margin lower bound (proven when > 0)
@@ -112,6 +112,7 @@ class ReluSplitSearch:
         self.graph, self.spec, self.check, self.config = graph, spec, check, config
         self.records, self.region, self.log = records, region, log
         self.layout = ReluLayout(graph)
+        self.needed = set(graph.needs_bounds())
         self.alpha_config = AlphaConfig(iterations=config.alpha_iterations, lr=config.alpha_lr,
                                         optimize_intermediate=False, early_stop_patience=config.alpha_iterations)
         self.stuck = False
@@ -139,6 +140,9 @@ class ReluSplitSearch:
                                            initial=bounds, splits=splits, warm=warm, record=record,
                                            deadline=self.deadline)
         alphas_out = {r: new_alphas[(out, r)][0].detach() for r in self.layout.relus if (out, r) in new_alphas}
+        # a domain keeps only the bounds a relaxation reads (ReLU inputs), not the input box or
+        # the affine layers' values: most of a domain's memory otherwise
+        bounds = [b if i in self.needed else None for i, b in enumerate(bounds)]
         return lb - spec.rhs, bounds, alphas_out, {z: b.detach() for z, b in live_betas.items()}, record, box
 
     def decide(self, bounds, record, signs, alphas, betas, box) -> Tensor:
