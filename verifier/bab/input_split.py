@@ -28,17 +28,20 @@ from .records import SubdomainRecords
 Checker = Callable[[Tensor], Optional[tuple]]
 
 
-def bound_boxes(graph: BoundGraph, spec: RegionSpec, lower: Tensor, upper: Tensor):
-    """CROWN lower bounds of the margins on each box: lower, upper (M, *in) -> (M, R) margins and
-    the input coefficients (M, R, *in) of the lower bounds."""
+def bound_boxes(graph: BoundGraph, spec: RegionSpec, lower: Tensor, upper: Tensor,
+                reference: Optional[list[Optional[Bounds]]] = None):
+    """CROWN lower bounds of the margins on each box: lower, upper (M, *in) -> (M, R) margins, the
+    input coefficients (M, R, *in) of the lower bounds, and the intermediate bounds (per node,
+    (M, *shape) or None). ``reference``: bounds of each box's parent, valid on the box (a subset),
+    so the box starts from them: neurons stable in the parent get no CROWN pass."""
     box = Bounds(lower, upper)
     M = lower.shape[0]
     C = spec.C.unsqueeze(0).expand(M, *spec.C.shape)
     record: dict[int, Tensor] = {}
     with torch.no_grad():
-        bounds = crown_bounds(graph, box)
+        bounds = crown_bounds(graph, box, reference=reference)
         lb, _ = output_bounds(graph, box, C, bounds, need_upper=False, record=record)
-    return lb - spec.rhs, record[0]
+    return lb - spec.rhs, record[0], bounds
 
 
 def input_split_search(graph: BoundGraph, spec: RegionSpec, check: Checker, deadline: float, config: BabConfig,
@@ -52,6 +55,8 @@ def input_split_search(graph: BoundGraph, spec: RegionSpec, check: Checker, dead
     dims = torch.full((1,), -1)
     steps, last_log = 0, time.monotonic()
     attacks = WideAttacks(graph, spec, check, config, deadline)
+    needed = graph.needs_bounds()
+    kept: dict[int, Bounds] = {}   # needed node -> bounds of each open box's parent, (M, *shape)
     while lower.shape[0]:
         if time.monotonic() > deadline:
             return "timeout", None
@@ -64,8 +69,14 @@ def input_split_search(graph: BoundGraph, spec: RegionSpec, check: Checker, dead
         b_ids, b_par, b_depth, b_dim = ids[-take:], parents[-take:], depth[-take:], dims[-take:]
         lower, upper = lower[:-take], upper[:-take]
         ids, parents, depth, dims = ids[:-take], parents[:-take], depth[:-take], dims[:-take]
+        reference = None
+        if kept:
+            reference = [None] * len(graph.nodes)
+            for i, b in kept.items():
+                reference[i] = Bounds(b.lower[-take:], b.upper[-take:])
+            kept = {i: Bounds(b.lower[:-take], b.upper[:-take]) for i, b in kept.items()}
 
-        margins, A = bound_boxes(graph, spec, lo, hi)
+        margins, A, bounds = bound_boxes(graph, spec, lo, hi, reference)
         proven = spec.proven(margins)
         worst = spec.worst(margins)
         records.add(b_ids, b_par, b_depth, worst, None, "input", split_index=b_dim, region=region)
@@ -73,6 +84,7 @@ def input_split_search(graph: BoundGraph, spec: RegionSpec, check: Checker, dead
         if not bool(open_.any()):
             continue
         lo, hi, margins, A = lo[open_], hi[open_], margins[open_], A[open_]
+        open_bounds = {i: Bounds(bounds[i].lower[open_], bounds[i].upper[open_]) for i in needed}
         b_ids, b_depth = b_ids[open_], b_depth[open_]
         # the point minimising the worst row's linear lower bound, and the box centre
         worst_row = margins.argmin(1)
@@ -94,6 +106,11 @@ def input_split_search(graph: BoundGraph, spec: RegionSpec, check: Checker, dead
         right_lo.scatter_(1, dim.unsqueeze(1), mid)
         lower = torch.cat([lower, lo, right_lo.view_as(lo)])
         upper = torch.cat([upper, left_hi.view_as(hi), hi])
+        for i, b in open_bounds.items():   # both halves start from their parent's bounds
+            old = kept.get(i)
+            parts_l = [b.lower, b.lower] if old is None else [old.lower, b.lower, b.lower]
+            parts_u = [b.upper, b.upper] if old is None else [old.upper, b.upper, b.upper]
+            kept[i] = Bounds(torch.cat(parts_l), torch.cat(parts_u))
         n = lo.shape[0]
         ids = torch.cat([ids, records.new_ids(2 * n)])
         parents = torch.cat([parents, b_ids, b_ids])
