@@ -188,3 +188,31 @@ def test_wide_attack_finds_a_counterexample_that_few_restarts_miss():
     assert found is not None
     x, y = found
     assert 0.50025 <= float(x[0]) <= 0.50075 and float(y[0]) <= 0
+
+
+def test_input_split_child_bounds_from_parent_reference_contain_samples():
+    """A half-box bounded from its parent's intermediate bounds (as input splitting does) keeps
+    sound margins and intermediate bounds: every sampled point of the half lies inside them."""
+    from verifier.bab.input_split import bound_boxes
+    from verifier.spec import region_specs
+    net = tiny_net(7, n_in=3, hidden=(16, 16, 16), n_out=3)
+    model = BoundedModel(net, dtype=torch.float64)
+    graph = model.graph((3,))
+    c = np.array([1.0, -0.5, -0.5])
+    prop = property_for(c, 0.0, -np.ones(3), np.ones(3))
+    spec = region_specs(prop, graph.input_shape, model.device, model.dtype)[0]
+    lower, upper = spec.lower.unsqueeze(0), spec.upper.unsqueeze(0)
+    _, _, parent = bound_boxes(graph, spec, lower, upper)
+    halves_lo = torch.cat([lower, lower.clone()])
+    halves_hi = torch.cat([upper.clone(), upper])
+    halves_hi[0, 1], halves_lo[1, 1] = 0.0, 0.0                      # split dimension 1 at 0
+    reference = [None if b is None else Bounds(torch.cat([b.lower, b.lower]), torch.cat([b.upper, b.upper]))
+                 for b in parent]
+    margins, _, bounds = bound_boxes(graph, spec, halves_lo, halves_hi, reference)
+    for half in range(2):
+        x = halves_lo[half] + (halves_hi[half] - halves_lo[half]) * torch.rand(4000, 3, dtype=torch.float64)
+        values = graph.forward(x, keep=True)
+        assert torch.all(spec.margins(values[graph.output]) >= margins[half] - 1e-9)
+        for i in graph.needs_bounds():
+            assert torch.all(values[i] >= bounds[i].lower[half] - 1e-9)
+            assert torch.all(values[i] <= bounds[i].upper[half] + 1e-9)
