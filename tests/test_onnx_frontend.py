@@ -237,3 +237,22 @@ def test_non_finite_onnx_weights_raise_model_value_error(name):
     with pytest.raises(ModelValueError):
         bm = BoundedModel(onnx_model_path(name))
         bm.compute_bounds(torch.zeros(1, 4), torch.ones(1, 4))
+
+
+def test_cli_process_converts_onnx_without_importing_torchvision():
+    """The CLI skips torchvision's import (half of its start-up): conversion and bounds still
+    work, and the real package is never loaded in that process."""
+    import subprocess
+    import sys
+    code = ("import sys, torch\n"
+            "from verifier.io.onnx import skip_torchvision_import\n"
+            "skip_torchvision_import()\n"
+            "from verifier import BoundedModel\n"
+            f"bm = BoundedModel({str(onnx_model_path('gemm_mlp_symbolic_batch.onnx'))!r})\n"
+            "x = torch.zeros(1, *bm.input_shape)\n"
+            "lb, ub = bm.compute_bounds(x, x + 0.1)\n"
+            "assert torch.all(lb <= ub)\n"
+            "assert sys.modules['torchvision'].__path__ == [], 'the real torchvision was imported'\n"
+            "assert 'torch._dynamo' not in sys.modules\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

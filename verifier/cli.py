@@ -30,7 +30,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _load(args):
     from .api import BoundedModel
+    from .io.onnx import skip_torchvision_import
     from .io.vnnlib import load_vnnlib
+    skip_torchvision_import()   # this process only verifies: see its docstring
     model = BoundedModel(args.model, device=args.device, dtype=_dtype(args.dtype))
     graph = model.graph()
     prop = load_vnnlib(args.spec, n_inputs=graph.nodes[0].numel, n_outputs=graph.nodes[graph.output].numel)

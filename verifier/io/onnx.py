@@ -18,6 +18,29 @@ SUPPORTED_OPS = {
 }
 
 
+def skip_torchvision_import() -> None:
+    """Let onnx2torch load without torchvision, for a process that only verifies.
+
+    onnx2torch imports torchvision at import time, for its NonMaxSuppression and RoiAlign
+    converters only; torchvision pulls in torch._dynamo, which makes up half of the start-up of
+    every `certiprune verify` (about 1.3 s). Those operators are not in SUPPORTED_OPS, so a model
+    using them is rejected before conversion and the converters never run. Called by the CLI
+    before its first ONNX load (not by the library: a user's own torchvision import must get the
+    real package); does nothing if torchvision is already imported."""
+    import sys
+    import types
+    if "torchvision" in sys.modules or "onnx2torch" in sys.modules:
+        return
+
+    def unavailable(*args, **kwargs):
+        raise UnsupportedOperatorError("torchvision operators are not supported by the verifier")
+
+    package, ops = types.ModuleType("torchvision"), types.ModuleType("torchvision.ops")
+    ops.nms = ops.batched_nms = ops.box_convert = ops.roi_align = unavailable
+    package.ops, package.__path__ = ops, []
+    sys.modules["torchvision"], sys.modules["torchvision.ops"] = package, ops
+
+
 @dataclass(frozen=True)
 class OnnxModel:
     path: str
