@@ -12,9 +12,12 @@ the expected answer (a soundness bug), 0 otherwise (``timeout``/``unknown`` are 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch loads: see verifier/cli.py
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -28,8 +31,10 @@ def main(argv=None) -> int:
     from benchmarks.instances import read_instances, read_reference
     from verifier import BoundedModel
     from verifier.errors import VerifierError
+    from verifier.io.onnx import skip_torchvision_import
     from verifier.io.vnnlib import load_vnnlib
     from verifier.verify import VerifyConfig, verify
+    skip_torchvision_import()   # a process that only verifies, like the CLI
     print(f"certiprune demo: verifier imported in {time.perf_counter() - t_import:.1f} s; "
           f"instances from {DATA}\n")
 

@@ -1,6 +1,14 @@
 """certiprune.verifier: sound bounds (IBP, CROWN, alpha-CROWN) and complete verification of
 ReLU networks given as ONNX files or PyTorch modules."""
-from .api import BoundedModel
 from .errors import VerifierError
 
 __all__ = ["BoundedModel", "VerifierError"]
+
+
+def __getattr__(name: str):
+    # BoundedModel (and with it torch) loads on first use, so that the command line can set
+    # torch's threading environment before torch starts (see verifier.cli).
+    if name == "BoundedModel":
+        from .api import BoundedModel
+        return BoundedModel
+    raise AttributeError(f"module 'verifier' has no attribute {name!r}")
