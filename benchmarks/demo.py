@@ -12,12 +12,9 @@ the expected answer (a soundness bug), 0 otherwise (``timeout``/``unknown`` are 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch loads: see verifier/cli.py
 
 DATA = Path(__file__).resolve().parent / "data"
 

@@ -5,15 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import time
-
-# OpenMP threads that spin while waiting stall every small op when another process holds a
-# core (ACAS Xu 1_1 prop_1 under load: 60 s timeout with spinning, 6.5 s passive). Set before
-# torch loads; a user's own setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # The verify timeout is wall time from here: the console script imports this module first,
 # before torch (verifier/__init__ loads it lazily), so imports count against the budget.
