@@ -116,12 +116,30 @@ class BoundedModel:
             out = ibp_bounds(graph, box)[graph.output]
             return _spec_interval(C, out)
         if method == "alpha-crown":
-            lb, ub, bounds, _ = alpha_crown(graph, box, C, self.alpha_config)
+            lb, ub, out = self._alpha_crown_per_box(graph, box, C)
         else:
             bounds = crown_bounds(graph, box, method="crown" if method == "crown" else "ibp")
             lb, ub = output_bounds(graph, box, C, bounds)
-        ibp_lb, ibp_ub = _spec_interval(C, bounds[graph.output])
+            out = bounds[graph.output]
+        ibp_lb, ibp_ub = _spec_interval(C, out)
         return torch.maximum(lb, ibp_lb), torch.minimum(ub, ibp_ub)
+
+    def _alpha_crown_per_box(self, graph: BoundGraph, box: Bounds, C: Tensor) -> tuple[Tensor, Tensor, Bounds]:
+        """alpha-CROWN on each box alone: its slopes are optimised for its own unstable neurons and
+        it stops on its own objective. Batched, the slopes of every neuron unstable in *any* box
+        are optimised and one stopping rule serves all: measured slower and looser (256x4, 64
+        boxes: 17.1 s and mean width 0.3947 batched, 5.8 s and 0.3839 per box), and a box's
+        bounds depended on its batch. box: (B, *in), C: (B, S, *out) -> lb, ub (B, S) and the
+        output node's bounds (B, *out)."""
+        lbs, ubs, outs = [], [], []
+        for k in range(box.lower.shape[0]):
+            one = Bounds(box.lower[k:k + 1], box.upper[k:k + 1])
+            lb, ub, bounds, _ = alpha_crown(graph, one, C[k:k + 1], self.alpha_config)
+            lbs.append(lb)
+            ubs.append(ub)
+            outs.append(bounds[graph.output])
+        out = Bounds(torch.cat([o.lower for o in outs]), torch.cat([o.upper for o in outs]))
+        return torch.cat(lbs), torch.cat(ubs), out
 
     def relu_bounds(self, lower: Tensor, upper: Tensor, method: str = "ibp") -> list[tuple[Tensor, Tensor]]:
         """Pre-activation bounds of every ReLU, in graph order: list of (l, u), each (B, *shape) with
