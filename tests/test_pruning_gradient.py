@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import synthetic_images
 from pruning import cli
 from pruning.data import ImageData, batches
 from pruning.methods import PruneContext, get_method
@@ -22,9 +23,7 @@ from pruning.train import TrainConfig, train
 DATA = str(Path(__file__).parent / "data" / "pruning")
 FAST = ["--data-dir", DATA, "--train-limit", "200", "--test-limit", "50", "--quiet",
         "--pgd-steps", "2", "--bound-images", "8"]
-GENERATOR = torch.Generator().manual_seed(0)
-SYNTHETIC = ImageData(torch.rand(96, 1, 6, 6, generator=GENERATOR),
-                      torch.randint(0, 3, (96,), generator=GENERATOR))
+SYNTHETIC = synthetic_images(96, (1, 6, 6))
 BATCH = 16
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import synthetic_images
 from pruning import cli
-from pruning.data import ImageData
 from pruning.errors import PruningError
 from pruning.methods import Method, PruneContext, get_method
 from pruning.methods.structured import channel_report
@@ -24,9 +24,7 @@ from pruning.train import TrainConfig, train
 DATA = str(Path(__file__).parent / "data" / "pruning")
 FAST = ["--data-dir", DATA, "--train-limit", "200", "--test-limit", "50", "--quiet",
         "--pgd-steps", "2", "--bound-images", "8"]
-GENERATOR = torch.Generator().manual_seed(0)
-SYNTHETIC = ImageData(torch.rand(64, 1, 6, 6, generator=GENERATOR),
-                      torch.randint(0, 3, (64,), generator=GENERATOR))
+SYNTHETIC = synthetic_images(64, (1, 6, 6))
 ATTACK = AttackConfig(eps=0.05, steps=2)
 ROUND_FIELDS = {"method", "round", "target_sparsity", "sparsity", "layers", "channels",
                 "finetune", "clean_accuracy", "pgd_accuracy", "eps", "n_test",
