@@ -12,7 +12,7 @@ from torch import nn
 
 from conftest import synthetic_images
 from pruning import cli
-from pruning.data import ImageData, batches
+from pruning.data import batches
 from pruning.methods import PruneContext, get_method
 from pruning.methods.gradient import SNIP_BATCHES
 from pruning.models import effective_weight, prunable_layers
