@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import init_
 from pruning.compact import compact, fold_batch_norms
 from pruning.export import export_onnx
 from pruning.methods import get_method
@@ -22,21 +23,7 @@ ATOL = 1e-5
 
 def _randomise(model: nn.Module, seed: int = 0) -> nn.Module:
     """Random weights and BatchNorm statistics, so folding is exercised away from identity."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                fan_in = module.weight[0].numel()
-                module.weight.copy_(torch.randn(module.weight.shape, generator=generator)
-                                    * 2 / fan_in ** 0.5)
-                module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.2)
-            elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-                n = module.num_features
-                module.weight.copy_(1 + 0.5 * torch.randn(n, generator=generator))
-                module.bias.copy_(0.3 * torch.randn(n, generator=generator))
-                module.running_mean.copy_(0.5 * torch.randn(n, generator=generator))
-                module.running_var.copy_(0.3 + torch.rand(n, generator=generator))
-    return model.eval()
+    return init_(model, torch.Generator().manual_seed(seed), scale=2.0)
 
 
 def _mlp() -> nn.Sequential:
