@@ -53,8 +53,10 @@ def concrete_evaluator(model: BoundedModel) -> Callable[[np.ndarray], np.ndarray
     def run(x32: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             p = next(iter(module.parameters()), None)
-            x = torch.as_tensor(x32).reshape(1, *shape).to(p.dtype if p is not None else torch.float32)
-            return module(x).double().numpy().reshape(-1)
+            x = torch.as_tensor(x32).reshape(1, *shape)
+            if p is not None:
+                x = x.to(device=p.device, dtype=p.dtype)
+            return module(x).double().cpu().numpy().reshape(-1)
     return run
 
 

@@ -49,10 +49,11 @@ def input_split_search(graph: BoundGraph, spec: RegionSpec, check: Checker, dead
                        log: Callable[[str], None] = lambda s: None) -> tuple[str, Optional[tuple]]:
     """Returns ("unsat" | "sat" | "timeout" | "unknown", counterexample or None)."""
     lower, upper = spec.lower.unsqueeze(0), spec.upper.unsqueeze(0)
-    ids = records.new_ids(1)
-    parents = torch.full((1,), -1)
-    depth = torch.zeros(1, dtype=torch.long)
-    dims = torch.full((1,), -1)
+    device = lower.device           # the bookkeeping (ids, parents, ...) lives beside the boxes
+    ids = records.new_ids(1, device)
+    parents = torch.full((1,), -1, device=device)
+    depth = torch.zeros(1, dtype=torch.long, device=device)
+    dims = torch.full((1,), -1, device=device)
     steps, last_log = 0, time.monotonic()
     attacks = WideAttacks(graph, spec, check, config, deadline)
     needed = graph.needs_bounds()
@@ -88,7 +89,7 @@ def input_split_search(graph: BoundGraph, spec: RegionSpec, check: Checker, dead
         b_ids, b_depth = b_ids[open_], b_depth[open_]
         # the point minimising the worst row's linear lower bound, and the box centre
         worst_row = margins.argmin(1)
-        A_worst = A[torch.arange(A.shape[0]), worst_row]
+        A_worst = A[torch.arange(A.shape[0], device=A.device), worst_row]
         corner = torch.where(A_worst > 0, lo, hi)
         found = check(torch.cat([corner, (lo + hi) / 2]))
         if found is not None:
@@ -112,10 +113,10 @@ def input_split_search(graph: BoundGraph, spec: RegionSpec, check: Checker, dead
             parts_u = [b.upper, b.upper] if old is None else [old.upper, b.upper, b.upper]
             kept[i] = Bounds(torch.cat(parts_l), torch.cat(parts_u))
         n = lo.shape[0]
-        ids = torch.cat([ids, records.new_ids(2 * n)])
+        ids = torch.cat([ids, records.new_ids(2 * n, device)])
         parents = torch.cat([parents, b_ids, b_ids])
         depth = torch.cat([depth, b_depth + 1, b_depth + 1])
-        dims = torch.cat([dims, dim.cpu(), dim.cpu()])
+        dims = torch.cat([dims, dim, dim])
         if lower.shape[0] > config.max_domains:
             return "unknown", None
         steps += 1

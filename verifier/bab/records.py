@@ -65,8 +65,9 @@ class SubdomainRecords:
             self.roots[region] = RootRecord(region)
         return self.roots[region]
 
-    def new_ids(self, n: int) -> Tensor:
-        ids = torch.arange(self.next_id, self.next_id + n)
+    def new_ids(self, n: int, device: torch.device | str = "cpu") -> Tensor:
+        """(n,) fresh subdomain ids, on ``device`` (the search's, so its masks can index them)."""
+        ids = torch.arange(self.next_id, self.next_id + n, device=device)
         self.next_id += n
         return ids
 

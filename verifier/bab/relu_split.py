@@ -191,7 +191,7 @@ class ReluSplitSearch:
         if A is None:
             return None
         worst_row = margins.argmin(1)
-        A_worst = A[torch.arange(A.shape[0]), worst_row]
+        A_worst = A[torch.arange(A.shape[0], device=A.device), worst_row]
         corner = torch.where(A_worst > 0, box.lower, box.upper)
         return self.check(corner)
 
@@ -202,12 +202,12 @@ class ReluSplitSearch:
         betas = {z: torch.zeros(1, 1, *self.graph.nodes[z].shape, dtype=self.spec.lower.dtype,
                                 device=self.spec.lower.device) for z in self.layout.z_nodes}
         margins, bounds, alphas, betas, record, box = self.bound(signs, reference, {}, betas)
-        ids = self.records.new_ids(1)
+        ids = self.records.new_ids(1, margins.device)
         lower = margins.amax(1)
         self.records.add(ids, torch.full((1,), -1), torch.zeros(1, dtype=torch.long), lower,
                          self.unstable_counts(bounds), "root", region=self.region)
         return Domains(signs, bounds, alphas, betas, lower, self.decide(bounds, record, signs, alphas, betas, box),
-                       torch.zeros(1, dtype=torch.long), ids)
+                       torch.zeros(1, dtype=torch.long, device=ids.device), ids)
 
     def unstable_counts(self, bounds) -> Tensor:
         return torch.stack([((bounds[z].lower < 0) & (bounds[z].upper > 0)).flatten(1).sum(1)
@@ -279,7 +279,7 @@ class ReluSplitSearch:
         first_split = self.layout.z_nodes[int(layer.min())]
         margins, bounds, alphas, betas, record, box = self.bound(signs, ref, alphas, betas, first_split + 1)
         lower = margins.amax(1)
-        ids = self.records.new_ids(len(lower))
+        ids = self.records.new_ids(len(lower), lower.device)
         depth = torch.cat([parents.depth, parents.depth]) + 1
         P = len(parents)
         self.records.add(ids, torch.cat([parents.ids, parents.ids]), depth, lower, self.unstable_counts(bounds),

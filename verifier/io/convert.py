@@ -45,6 +45,9 @@ class _Builder:
         self.gm, self.device, self.dtype, self.source = gm, device, dtype, source
         self.live_params = live_params
         self.modules = dict(gm.named_modules())
+        # where the module's own tensors live: probes of its functions must be made there
+        own = next(iter([*gm.parameters(), *gm.buffers()]), None)
+        self.module_device = own.device if own is not None else torch.device("cpu")
         shape = tuple(input_layout[1:]) if batched else tuple(input_layout)
         self.nodes: list[Node] = [Node("input", None, (), shape, "Input")]
         self.input_batched = batched
@@ -98,10 +101,10 @@ class _Builder:
 
     def probe(self, fn: Callable[[Tensor], Any], ref: Ref, x: Tensor) -> Tensor:
         with torch.no_grad():
-            out = fn(x.reshape(self.layout(ref)))
+            out = fn(x.reshape(self.layout(ref)).to(self.module_device))
         if not isinstance(out, Tensor):
             raise self.fail("does not produce a single tensor")
-        return out.to(torch.float64)
+        return out.to(device="cpu", dtype=torch.float64)
 
     # ---- generic conversions by probing ---------------------------------------------------
     def rearrange(self, fn: Callable[[Tensor], Tensor], ref: Ref) -> Ref:
