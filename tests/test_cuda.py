@@ -10,17 +10,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
 from verifier import BoundedModel
-from verifier.bab.config import BabConfig
-from verifier.verify import VerifyConfig, verify
 
 from conftest import assert_contains
-from test_bab import exact_min, property_for, tiny_net
+from test_bab import check_bab_against_milp
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -84,20 +81,7 @@ def test_bounds_on_cuda_contain_sampled_outputs(method):
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("split", ["on", "off"])
 def test_bab_on_cuda_matches_milp(seed, split):
-    net = tiny_net(seed)
-    lower, upper = -np.ones(2), np.ones(2)
-    c = np.array([1.0, -1.0])
-    m_star = exact_min(net, c, lower, upper)
-    model = BoundedModel(net, device=CUDA, dtype=torch.float64)
-    model.graph((2,))
-    for gap, expected in ((0.02, "unsat"), (-0.02, "sat")):
-        prop = property_for(c, m_star - gap, lower, upper)
-        result = verify(model, prop, VerifyConfig(timeout=60, bab=BabConfig(input_split=split, relu_batch=8)))
-        assert result.status == expected, (seed, split, gap, m_star)
-        if expected == "sat":
-            x, y = result.counterexample
-            assert np.all(x >= lower) and np.all(x <= upper)
-            assert c @ y <= m_star - gap + 1e-9
+    check_bab_against_milp(seed, split, device="cuda")
 
 
 def _demo_rows() -> list[tuple[str, str, str]]:
