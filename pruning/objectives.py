@@ -117,6 +117,17 @@ def scheduled(objective: Objective, epochs_done: float) -> Objective:
     return schedule(epochs_done) if schedule is not None else objective
 
 
+def with_eps_ramp(objective: Objective, ramp_epochs: float) -> Objective:
+    """``objective`` with CROWN-IBP's eps ramp restarted over ``ramp_epochs`` (looking through
+    wrappers that hold a ``base`` objective); objectives without a ramp come back unchanged."""
+    if isinstance(objective, CrownIBPTraining):
+        return dataclasses.replace(objective, ramp_epochs=ramp_epochs, epochs_done=None)
+    base = getattr(objective, "base", None)
+    if base is not None and dataclasses.is_dataclass(objective):
+        return dataclasses.replace(objective, base=with_eps_ramp(base, ramp_epochs))
+    return objective
+
+
 def refresh_pruned_parameters(model: nn.Module) -> None:
     """Recompute every ``torch.nn.utils.prune`` attribute (``weight = weight_orig · mask``).
 

@@ -12,7 +12,9 @@ weights according to ``rewind``:
 - ``lt``: to the initial weights;
 - ``pt``: no reset (keep the trained weights);
 
-and retrains with the method's fine-tuning objective. Every round is checkpointed
+and retrains with the method's fine-tuning objective (after ``rewind_lt`` / ``lt`` with
+CROWN-IBP's eps ramp restarted over half the fine-tuning epochs: the rewound weights are not
+certifiably trained). Every round is checkpointed
 (``round_<r>.pt`` with masks and weights, ``round_<r>.json`` with its summary) and a rerun skips
 finished rounds; the fine-tuning inside a round resumes per epoch. A round's summary holds the
 sparsity overall and per layer, the channels kept per hidden layer, seconds, and whatever the
@@ -35,7 +37,7 @@ from pruning.errors import PruningError
 from pruning.evaluate import accuracy, pgd_accuracy
 from pruning.methods import Method, PruneContext
 from pruning.methods.structured import channel_report, prune_channels
-from pruning.objectives import AttackConfig, input_box
+from pruning.objectives import AttackConfig, input_box, with_eps_ramp
 from pruning.sparsity import (
     all_masks, apply_masks, check_sparsity, clone_model, make_permanent, masks_from_state_dict,
     overall_sparsity, prune_by_scores, rewind, sparsity_report,
@@ -254,10 +256,17 @@ def run_schedule(
             prune_channels(model, scores, target)
         else:
             prune_by_scores(model, scores, target, schedule.scope)
+        objective = method.finetune_objective(model, ctx)
         if needs_rewind:
             rewind(model, *early_state)
+            # Rewound weights are early-training weights, not a certifiably trained model:
+            # full-eps CROWN-IBP from them collapses to a constant classifier (issue 7: imp on
+            # the paper study, clean 0.097). Restart the eps ramp over half the fine-tuning, as
+            # dense training ramps over half its epochs and the paper's code re-creates its
+            # eps scheduler after every rewind.
+            objective = with_eps_ramp(objective, finetune.epochs / 2)
         history = train(
-            model, method.finetune_objective(model, ctx), ctx.data, finetune,
+            model, objective, ctx.data, finetune,
             checkpoint=workdir / f"round_{index}.train.pt", progress=ctx.progress,
             desc=f"finetune r{index}", **(eval_kwargs or {}),
         )

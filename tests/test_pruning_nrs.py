@@ -18,6 +18,7 @@ from pruning.methods.nrs import (
     relu_sites,
 )
 from pruning.methods.structured import alive_units, channel_groups, prune_channels
+from pruning.errors import PruningError
 from pruning.objectives import AttackConfig, CrownIBPTraining, PGDTraining, Standard
 from pruning.sparsity import effective_parameter
 from pruning.train import TrainConfig, train
@@ -137,9 +138,9 @@ def test_nrs_removes_the_least_stable_channels_at_the_exact_fraction(trained_cnn
     ctx = _context(score_training=TrainConfig(epochs=0, batch_size=16))
     mean_nrs = channel_nrs(model, BoundedModel(model), SYNTHETIC, ctx.attack.eps)
     scores = nrs_scores(model, 0.5, "global", ctx)
-    assert set(scores) == {"0", "3", "7"}
+    assert set(scores) == {"0", "3"}  # the BatchNorm-normalised layers, as in the paper
     prune_channels(model, scores, 0.5)
-    for group in channel_groups(model):
+    for group in channel_groups(model)[:2]:
         alive = alive_units(group)
         assert int((~alive).sum()) == round(0.5 * group.n_units)
         assert float(mean_nrs[group.name][~alive].min()) >= float(mean_nrs[group.name][alive].max())
@@ -155,7 +156,8 @@ def test_nrs_masks_survive_training_and_the_regulariser_sees_current_gamma(train
           TrainConfig(epochs=1, batch_size=16, lr=1e-2), progress=False)
     for group in channel_groups(model):
         assert torch.equal(~alive_units(group), dead[group.name])
-        assert int(dead[group.name].sum()) == round(0.4 * group.n_units)
+        expected = round(0.4 * group.n_units) if group.batch_norm is not None else 0
+        assert int(dead[group.name].sum()) == expected
         if group.batch_norm is not None:
             gamma = effective_parameter(group.batch_norm, "weight")
             assert bool((gamma[dead[group.name]] == 0).all())
@@ -184,4 +186,28 @@ def test_prune_command_nrs_on_a_crown_ibp_bn_checkpoint(tmp_path):
     summary = json.loads((out / "prune.json").read_text())
     assert summary["regime"] == "crown-ibp" and summary["structured"]
     assert summary["channels"] == {"1": {"kept": 6, "total": 8}, "4": {"kept": 12, "total": 16},
-                                   "8": {"kept": 75, "total": 100}}
+                                   "8": {"kept": 100, "total": 100}}
+
+
+def test_nrs_never_ranks_units_without_batch_norm_so_dead_fc_units_are_not_kept(trained_cnn):
+    """Issue 7 regression (the paper study's nrs fell to chance): without the BN normaliser a
+    unit inactive on the whole ball (l ≤ u < 0, l·u > 0) has NRS ≈ −1 like a stably active
+    one, so ranking the fc layer kept its dead units. The paper's code scores only BatchNorm
+    channels; the fc layer must keep all its units, dead or not."""
+    model = copy.deepcopy(trained_cnn)
+    with torch.no_grad():  # fc units 0..4 dead on every input, 5..9 working
+        model[7].bias[:5] = -1e3
+    ctx = _context(score_training=TrainConfig(epochs=0, batch_size=16))
+    mean_nrs = channel_nrs(model, BoundedModel(model), SYNTHETIC, ctx.attack.eps)
+    assert "7" not in mean_nrs
+    prune_channels(model, nrs_scores(model, 0.5, "global", ctx), 0.5)
+    fc = channel_groups(model)[2]
+    assert bool(alive_units(fc).all())
+    assert model(SYNTHETIC.images[:16]).std(0).max() > 0  # the output still depends on x
+
+
+def test_nrs_without_batch_norm_is_an_error_naming_the_method():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(100, 8), nn.ReLU(), nn.Linear(8, 3))
+    ctx = _context(score_training=TrainConfig(epochs=0, batch_size=16))
+    with pytest.raises(PruningError, match="method nrs needs BatchNorm"):
+        nrs_scores(model, 0.5, "global", ctx)

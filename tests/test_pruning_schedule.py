@@ -224,3 +224,32 @@ def test_missing_required_flag_and_mismatched_checkpoints_are_one_line(checkpoin
     assert _prune(other / "model.pt", tmp_path / "y", "--method", "imp", "--rounds", "2") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "rewind.pt holds mlp2x256" in err[0], err
+
+
+@pytest.mark.parametrize("rewind_kind, ramp", [("rewind_lt", 1.0), ("lt", 1.0), ("pt", 0.0)])
+def test_fine_tuning_after_a_rewind_restarts_the_crown_ibp_eps_ramp(trained, tmp_path,
+                                                                     monkeypatch, rewind_kind,
+                                                                     ramp):
+    """Issue 7 regression (crown-ibp imp fell to clean 0.097): after rewinding to early weights
+    the fine-tuning must ramp eps up again (over half its epochs), not start at full eps; a
+    schedule that keeps the trained weights ("pt") fine-tunes at full eps."""
+    import pruning.schedule as schedule_module
+    from pruning.objectives import CrownIBPTraining
+    from pruning.sparsity import layer_weights
+
+    seen = []
+
+    def fake_train(model, objective, data, config, **kwargs):
+        seen.append(objective)
+        return []
+
+    monkeypatch.setattr(schedule_module, "train", fake_train)
+    model = clone_model(trained)
+    ctx = PruneContext(data=SYNTHETIC, objective=CrownIBPTraining(0.05), attack=ATTACK,
+                       score_training=TrainConfig(epochs=1, batch_size=16))
+    schedule = ScheduleConfig(kind="iterative", rounds=2, rewind=rewind_kind)
+    run_schedule(model, get_method("imp"), 0.5, schedule, ctx,
+                 TrainConfig(epochs=2, batch_size=16), tmp_path / "rounds",
+                 early_state=layer_weights(trained))
+    assert len(seen) == 2
+    assert all(isinstance(o, CrownIBPTraining) and o.ramp_epochs == ramp for o in seen)

@@ -218,3 +218,36 @@ def test_prune_command_removes_channels_and_exports_a_smaller_onnx(trained_bn, t
                          *flags]) == 0
     assert (small / "model.onnx").stat().st_size < 0.6 * (dense / "model.onnx").stat().st_size
     assert json.loads((small / "export.json").read_text())["onnxruntime_max_abs_diff"] < 1e-5
+
+
+@pytest.mark.parametrize("name", STRUCTURED + ("nrs",))
+def test_structured_sparsity_counts_every_weight_the_compacted_model_loses(trained_cnn, name):
+    """Issue 7 regression (slim reported sparsity 0.020 at target 0.753): the weights that read
+    a removed unit (the next conv's input channel, the fc's H·W block after Flatten) are masked
+    too, so the reported sparsity is the fraction of weights the compacted export drops,
+    whether a method prunes every hidden layer or only those with a BatchNorm — and masking
+    them changes no output."""
+    from pruning.compact import compact
+    from pruning.sparsity import overall_sparsity, sparsity_report
+
+    model = clone_model(trained_cnn).eval()
+    x = SYNTHETIC.images[:16]
+    _prune(model, name, 0.5, score_training=TrainConfig(epochs=0, batch_size=16))
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+    dense_weights = sum(m.weight.numel() for m in trained_cnn.modules()
+                        if isinstance(m, (nn.Conv2d, nn.Linear)))
+    compacted, _ = compact(model)
+    kept_weights = sum(int(m.weight.ne(0).sum()) for m in compacted.modules()
+                       if isinstance(m, (nn.Conv2d, nn.Linear)))
+    assert overall_sparsity(sparsity_report(model)) == pytest.approx(1 - kept_weights / dense_weights)
+    kept_rows = alive_units(channel_groups(model)[1])
+    readers = model[3].weight_mask[kept_rows]  # the kept filters of conv 8→6
+    removed = ~alive_units(channel_groups(model)[0])
+    assert bool((readers[:, removed] == 0).all()) and bool((readers[:, ~removed] == 1).all())
+    fc_mask = model[7].weight_mask.view(10, 6, 9)  # Flatten is channel-major: 9 columns each
+    removed = ~alive_units(channel_groups(model)[1])
+    assert bool((fc_mask[:, removed] == 0).all())
+    with torch.no_grad():
+        assert torch.allclose(compacted(x), before, atol=1e-5)

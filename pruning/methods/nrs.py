@@ -17,12 +17,26 @@ The method, per round of the schedule:
 1. **train** the model in place for ``ctx.score_training`` epochs on
    ``L_regime + w · mean_{images, neurons} NRS`` (like slim's sparsity training, the
    regulariser is part of the method; 0 epochs skips it);
-2. **score** every hidden layer's output channels / neurons by their mean NRS over images and
-   spatial positions (``channel_nrs``; ``ctx.score_batches`` mini-batches, default 8) and
-   remove the ``round(fraction · n_units)`` *least stable* (highest mean NRS) per layer —
-   ``methods.structured.prune_channels`` masks the filter, bias and BatchNorm γ/β of each,
-   so a removed channel is exactly dead;
+2. **score** the output channels / neurons of every hidden layer *normalised by a BatchNorm*
+   by their mean NRS over images and spatial positions (``channel_nrs``;
+   ``ctx.score_batches`` mini-batches, default 8) and remove the ``round(fraction · n_units)``
+   *least stable* (highest mean NRS) per layer — ``methods.structured.prune_channels`` masks
+   the filter, bias and BatchNorm γ/β of each, so a removed channel is exactly dead. Layers
+   without a BatchNorm (``cifar_model``'s fc 100) are not pruned, as in the paper's code
+   (VITA-Group/CertifiedPruning, ``LTH-training/pruner/pruner.py``,
+   ``prune_model_structured(mode='nrs')``: scores ``(γ ≠ 0) · (−mean NRS)`` exist only for
+   ``BatchNorm2d`` channels, and those ≤ the k-th smallest score are masked). Without the BN
+   normaliser the plain ``−tanh(1 + l·u)`` cannot tell a useful unit from a dead one: a unit
+   that is inactive on the whole ball (``l ≤ u < 0``) has ``l·u > 0`` and NRS ≈ −1, exactly
+   like a stably active one, and an unnormalised fc layer's working units straddle zero
+   (NRS ≈ +1), so ranking them keeps the dead units — on the paper study's fc 100 it kept 39
+   units that were all inactive on every test image, and the network fell to chance;
 3. **fine-tune** on the same regularised loss (``nrs_objective``).
+
+Where we differ from the paper's code: it removes the fraction with one threshold over all
+BatchNorm2d channels together (``--layerwise 0``) and scores on the whole test set after each
+epoch; we remove it per layer, like the other structured methods, and score on training
+mini-batches.
 
 ``w`` = ``rs_weight``: 0.01 on top of standard / PGD / FGSM training, 0.001 on top of
 CROWN-IBP (the paper's values; ``default_rs_weight`` picks it from the regime).
@@ -135,12 +149,18 @@ def nrs_loss(model: nn.Module, bounded, x: torch.Tensor, eps: float, lower: floa
 def channel_nrs(model: nn.Module, bounded, data: ImageData, eps: float, lower: float = 0.0,
                 upper: float = 1.0, config: NRSConfig = NRSConfig(), batch_size: int = 128,
                 max_batches: int | None = 8) -> dict[str, torch.Tensor]:
-    """Mean NRS of each output unit of every hidden prunable layer, over the first
-    ``max_batches`` mini-batches of ``data`` (all with None) and the unit's spatial positions:
-    layer name -> (n_units,), float64. Every hidden layer must feed a ReLU."""
+    """Mean NRS of each output unit of every hidden prunable layer normalised by an affine
+    BatchNorm (the layers NRS prunes), over the first ``max_batches`` mini-batches of ``data``
+    (all with None) and the unit's spatial positions: layer name -> (n_units,), float64. Every
+    such layer must feed a ReLU; a model without one is an error."""
     from pruning.methods.structured import channel_groups
 
-    groups = {g.name: g for g in channel_groups(model)}
+    groups = {g.name: g for g in channel_groups(model)
+              if g.batch_norm is not None and g.batch_norm.affine}
+    if not groups:
+        raise PruningError("method nrs needs BatchNorm layers (it scores the channels a "
+                           "BatchNorm normalises, as the paper does); this model has none "
+                           "after its hidden layers")
     sums: dict[str, torch.Tensor] = {}
     n_images = 0
     for index, (x, _) in enumerate(batches(data, batch_size)):
@@ -211,8 +231,8 @@ def nrs_objective(model: nn.Module, ctx, weight: float | None = None) -> NRSRegu
 
 def nrs_scores(model: nn.Module, fraction: float, scope: str, ctx) -> dict[str, torch.Tensor]:
     """NRS-regularised training of ``model`` in place, then ``−channel_nrs`` per hidden layer
-    (larger = keep, so the least stable units go). ``scope`` is unused: structured methods
-    remove the fraction in every hidden layer."""
+    normalised by a BatchNorm (larger = keep, so the least stable units go; the paper's score).
+    ``scope`` is unused: the fraction is removed in every such layer."""
     from pruning.train import train
 
     objective = nrs_objective(model, ctx)

@@ -5,14 +5,20 @@ classifier's outputs, which are the classes); ``prune_channels`` then removes, i
 layer, exactly ``round(fraction · n_units)`` units (the lowest scores), with
 ``torch.nn.utils.prune.custom_from_mask`` on
 
-- the layer's weight (the unit's whole filter / row) and its bias entry, and
+- the layer's weight (the unit's whole filter / row) and its bias entry,
 - the γ (``weight``) and β (``bias``) entries of the BatchNorm that normalises the layer's
-  outputs (the first BatchNorm of matching width before the next prunable layer),
+  outputs (the first BatchNorm of matching width before the next prunable layer), and
+- the weights of the next prunable layer that read the unit (its input channel of a Conv2d,
+  its block of H·W columns of a Linear after a Flatten, its column of a Linear),
 
 so a removed unit is exactly dead: its pre-activation is ``0·x + 0 = 0`` and, with BatchNorm,
 ``γ·(0 − μ)/σ + β = 0·(…) + 0 = 0`` in eval mode and in training mode alike (the batch of a
 constant-zero channel has mean 0, and γ = β = 0 anyway), so the ReLU outputs 0 and the next
-layer reads nothing from it. ``pruning.compact`` then deletes such units physically.
+layer reads nothing from it. ``pruning.compact`` then deletes such units physically. Masking
+the reading weights changes no output (they multiply an exact 0); it makes the reported
+sparsity count every weight the compacted model loses, so that a method pruning only some
+layers (``slim``, ``nrs``: those with a BatchNorm) and one pruning every hidden layer are
+measured alike.
 
 Methods (``scores(model, fraction, scope, ctx) -> {layer name: (n_units,)}``, larger = keep):
 
@@ -106,6 +112,25 @@ def _mask_units(group: ChannelGroup, keep: torch.Tensor) -> None:
         prune.custom_from_mask(module, name, mask)
 
 
+def _mask_readers(reader: nn.Module, keep: torch.Tensor) -> None:
+    """Mask the weights of ``reader`` (the next prunable layer) that read the units where
+    ``keep`` (bool (n_units,)) is False: input channels of a Conv2d; for a Linear, the units'
+    equal blocks of columns (one column each, or H·W each after a Flatten, channel-major).
+    A reader whose inputs do not split evenly into the units is left alone."""
+    weight = effective_weight(reader)
+    n_units = keep.numel()
+    if isinstance(reader, nn.Conv2d):
+        if weight.shape[1] != n_units:
+            return
+        mask = keep.view(1, -1, 1, 1).expand_as(weight)
+    else:
+        per_unit, rest = divmod(weight.shape[1], n_units)
+        if rest:
+            return
+        mask = keep.repeat_interleave(per_unit).view(1, -1).expand_as(weight)
+    prune.custom_from_mask(reader, "weight", mask.to(weight.dtype))
+
+
 def check_channel_fraction(model: nn.Module, fraction: float) -> None:
     """A channel fraction must be in [0, 1) and leave every hidden layer at least one unit."""
     check_sparsity(fraction)
@@ -126,6 +151,8 @@ def prune_channels(model: nn.Module, scores: ChannelScores, fraction: float) -> 
     """
     check_channel_fraction(model, fraction)
     groups = {g.name: g for g in channel_groups(model)}
+    layers = prunable_layers(model)
+    reader_of = {name: layers[i + 1][1] for i, (name, _) in enumerate(layers[:-1])}
     for name, score in scores.items():
         if name not in groups:
             raise PruningError(f"layer {name!r} has no prunable output channels (unknown "
@@ -145,6 +172,7 @@ def prune_channels(model: nn.Module, scores: ChannelScores, fraction: float) -> 
         keep = torch.ones(group.n_units, dtype=torch.bool)
         keep[order[:n_remove]] = False
         _mask_units(group, keep.to(alive.device))
+        _mask_readers(reader_of[name], keep.to(alive.device))
 
 
 def mask_existing_zeros(model: nn.Module) -> None:
