@@ -222,3 +222,34 @@ def test_input_split_child_bounds_from_parent_reference_contain_samples():
         for i in graph.needs_bounds():
             assert torch.all(values[i] >= bounds[i].lower[half] - 1e-9)
             assert torch.all(values[i] <= bounds[i].upper[half] + 1e-9)
+
+
+def test_beta_multipliers_take_their_own_step_size():
+    """AlphaConfig.beta_lr steps the split multipliers (BabConfig.beta_lr reaches it): with 0
+    they stay put while the slopes move; with a positive step they move."""
+    from verifier.bounds.alpha import AlphaConfig, alpha_crown
+    net = tiny_net(11, n_in=3, hidden=(10, 10), n_out=3)
+    model = BoundedModel(net, dtype=torch.float64)
+    graph = model.graph((3,))
+    box = Bounds(-torch.ones(1, 3, dtype=torch.float64), torch.ones(1, 3, dtype=torch.float64))
+    z_nodes = [graph.nodes[r].inputs[0] for r in graph.relu_nodes()]
+    crown = crown_bounds(graph, box)
+    signs = {}
+    for z in z_nodes:   # split every unstable neuron active: their multipliers get a gradient
+        unstable = (crown[z].lower < 0) & (crown[z].upper > 0)
+        signs[z] = unstable.to(torch.float64)
+    C = torch.tensor([[[1.0, -1.0, 0.0]]], dtype=torch.float64)
+    moved = {}
+    for beta_lr in (0.0, 0.1):
+        betas = {z: torch.full((1, 1, *graph.nodes[z].shape), 0.5, dtype=torch.float64, requires_grad=True)
+                 for z in z_nodes}
+        splits = SplitState(signs, betas)
+        config = AlphaConfig(iterations=5, lr=0.1, optimize_intermediate=False, early_stop_patience=5,
+                             beta_lr=beta_lr)
+        with torch.no_grad():
+            initial = crown_bounds(graph, box, splits=SplitState(signs, {z: b.detach() for z, b in betas.items()}))
+        alpha_crown(graph, box, C, config, need_upper=False, initial=initial, splits=splits)
+        moved[beta_lr] = max(float((b.detach() - 0.5).abs().max()) for b in betas.values())
+    assert moved[0.0] == 0.0
+    assert moved[0.1] > 1e-3
+    assert BabConfig().beta_lr != BabConfig().alpha_lr

@@ -114,7 +114,8 @@ class ReluSplitSearch:
         self.layout = ReluLayout(graph)
         self.needed = set(graph.needs_bounds())
         self.alpha_config = AlphaConfig(iterations=config.alpha_iterations, lr=config.alpha_lr,
-                                        optimize_intermediate=False, early_stop_patience=config.alpha_iterations)
+                                        optimize_intermediate=False, early_stop_patience=config.alpha_iterations,
+                                        beta_lr=config.beta_lr)
         self.stuck = False
         self.deadline: Optional[float] = None
 

@@ -25,6 +25,7 @@ class AlphaConfig:
     lr_decay: float = 0.98
     optimize_intermediate: bool = True  # also optimise slopes used for intermediate bounds
     early_stop_patience: int = 5        # stop when the objective has not improved for this many steps
+    beta_lr: Optional[float] = None     # Adam step of beta-CROWN's split multipliers (None: ``lr``)
 
 
 def _relus_before(graph: BoundGraph, start: int) -> list[int]:
@@ -84,9 +85,10 @@ def alpha_crown(graph: BoundGraph, box: Bounds, C: Tensor, config: AlphaConfig =
             starts[i] = len(rows[i])
             upper_wanted[i] = True
     alphas = init_alphas(graph, starts, initial, upper_wanted, warm)
-    params = [a for pair in alphas.values() for a in pair if a is not None]
     betas = list(splits.betas.values()) if splits is not None else []
-    params += betas + list(extra_params or [])
+    params = [{"params": [a for pair in alphas.values() for a in pair if a is not None] + list(extra_params or [])},
+              {"params": betas, "lr": config.lr if config.beta_lr is None else config.beta_lr}]
+    params = [group for group in params if group["params"]]
     if not params:
         with torch.no_grad():
             lb, ub = output_bounds(graph, box, C, initial, need_upper, splits=splits, record=record)
