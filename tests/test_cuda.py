@@ -84,26 +84,19 @@ def test_bab_on_cuda_matches_milp(seed, split):
     check_bab_against_milp(seed, split, device="cuda")
 
 
-def _demo_rows() -> list[tuple[str, str, str]]:
-    reference = {}
-    for line in (DEMO / "REFERENCE.csv").read_text().splitlines():
-        parts = line.split(",")
-        if len(parts) >= 4 and parts[3] in ("sat", "unsat"):
-            reference[(Path(parts[1]).name, Path(parts[2]).name)] = parts[3]
-    rows = []
-    for line in (DEMO / "demo.csv").read_text().splitlines():
-        onnx, vnnlib, _ = line.split(",")
-        answer = reference.get((Path(onnx).name, Path(vnnlib).name))
-        if answer is not None:
-            rows.append((onnx, vnnlib, answer))
-    return rows
+def _demo_instances() -> list:
+    """The demo instances with a sat / unsat reference answer, as (instance, answer)."""
+    from benchmarks.instances import read_instances, read_reference
+    reference = read_reference(DEMO / "REFERENCE.csv")
+    return [(inst, reference[inst.key]) for inst in read_instances(DEMO / "demo.csv", root=DEMO)
+            if reference.get(inst.key) in ("sat", "unsat")]
 
 
-@pytest.mark.parametrize("onnx,vnnlib,expected", _demo_rows())
-def test_cli_verify_on_cuda_gives_the_reference_answer(onnx, vnnlib, expected, tmp_path, capsys):
+@pytest.mark.parametrize("instance,expected", _demo_instances(), ids=lambda v: getattr(v, "vnnlib", v))
+def test_cli_verify_on_cuda_gives_the_reference_answer(instance, expected, tmp_path, capsys):
     from verifier.cli import main
     out = tmp_path / "result.txt"
-    code = main(["verify", str(DEMO / onnx), str(DEMO / vnnlib), "--device", "cuda", "--timeout", "60",
+    code = main(["verify", instance.onnx_path, instance.vnnlib_path, "--device", "cuda", "--timeout", "60",
                  "--result-file", str(out)])
     assert code == 0
     assert out.read_text().splitlines()[0] == expected

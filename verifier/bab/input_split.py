@@ -126,7 +126,6 @@ def input_split_search(graph: BoundGraph, spec: RegionSpec, check: Checker, dead
     return "unsat", None
 
 
-
 class WideAttacks:
     """PGD with many random restarts over the whole box, interleaved with the splitting. For a
     network with few inputs thousands of restarts cost about as much as one batch of boxes, and
@@ -147,9 +146,9 @@ class WideAttacks:
 
     def maybe_run(self) -> Optional[tuple]:
         now = time.monotonic()
-        if self.restarts <= 0 or self.spent > self.config.attack_share * (now - self.start):
-            return None
         budget = self.config.attack_share * (now - self.start)
+        if self.restarts <= 0 or self.spent > budget:
+            return None
         attack = AttackConfig(restarts=self.restarts, steps=100, seed=self.seed)
         with torch.enable_grad():
             outcome = pgd_search(self.graph.forward, self.spec, attack, min(self.deadline, now + budget))

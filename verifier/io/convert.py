@@ -13,6 +13,7 @@ same way for their scale and shift.
 """
 from __future__ import annotations
 
+import itertools
 import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -46,7 +47,7 @@ class _Builder:
         self.live_params = live_params
         self.modules = dict(gm.named_modules())
         # where the module's own tensors live: probes of its functions must be made there
-        own = next(iter([*gm.parameters(), *gm.buffers()]), None)
+        own = next(itertools.chain(gm.parameters(), gm.buffers()), None)
         self.module_device = own.device if own is not None else torch.device("cpu")
         shape = tuple(input_layout[1:]) if batched else tuple(input_layout)
         self.nodes: list[Node] = [Node("input", None, (), shape, "Input")]
