@@ -327,3 +327,44 @@ def test_bounds_contain_grid_extremes_of_one_and_two_input_nets(seed, d, dtype):
                                        method=method)
             assert_le(lb.detach()[0], grid_min, dtype, f"box {b} {method} lower <= grid min")
             assert_le(grid_max, ub.detach()[0], dtype, f"box {b} {method} upper >= grid max")
+
+
+# ---- alpha-CROWN's optimisation loop ----------------------------------------------------------
+def test_alpha_crown_stops_early_only_after_patience_steps_without_gain(monkeypatch):
+    """The early stop fires after ``early_stop_patience`` consecutive steps that do not improve
+    the objective, never while it improves (a comparison with the initial -inf once made every
+    run stop after exactly ``patience`` steps)."""
+    import verifier.bounds.alpha as alpha_module
+    from verifier.bounds.alpha import AlphaConfig, alpha_crown
+    from verifier.ops import Bounds
+
+    model = tiny_net(7, 4, (16, 16, 16), n_out=3)
+    bm = BoundedModel(model, dtype=torch.float64)
+    graph = bm.graph((4,))
+    rng = generator(7)
+    center = torch.randn(1, 4, generator=rng, dtype=torch.float64)
+    box = Bounds(center - 1.0, center + 1.0)
+    C = random_spec(1, 2, 3, rng)
+    objectives = []
+    real = alpha_module.output_bounds
+
+    def spy(*args, **kwargs):
+        lb, ub = real(*args, **kwargs)
+        objectives.append(float(lb.detach().sum() - ub.detach().sum()))
+        return lb, ub
+
+    monkeypatch.setattr(alpha_module, "output_bounds", spy)
+    patience, iterations = 2, 30
+    alpha_crown(graph, box, C, AlphaConfig(iterations=iterations, early_stop_patience=patience, lr=0.05))
+    steps = objectives[:-1]   # the last call evaluates the final iterate after the loop
+    expected, best, stale = iterations, None, 0
+    for k, value in enumerate(steps):
+        if best is None or value > best + 1e-6 * max(1.0, abs(best)):
+            best, stale = value, 0
+        else:
+            stale += 1
+            if stale == patience:
+                expected = k + 1
+                break
+    assert len(steps) == expected, f"ran {len(steps)} steps, the rule says {expected}: {steps}"
+    assert len(steps) > 2 * patience, f"this net's objective improves for more than {2 * patience} steps: {steps}"

@@ -103,7 +103,7 @@ def _optimise(graph, box, C, config, need_upper, initial, splits, alphas, params
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, config.lr_decay)
     best_lb = best_ub = None
     best_bounds = list(initial)
-    best_objective, stale = -float("inf"), 0
+    best_objective, stale = None, 0
     for _ in range(config.iterations):
         if config.optimize_intermediate:
             bounds = crown_bounds(graph, box, alphas, splits, reference=best_bounds, rows=rows)
@@ -122,7 +122,7 @@ def _optimise(graph, box, C, config, need_upper, initial, splits, alphas, params
             break
         objective = lb.sum() - (ub.sum() if need_upper else 0)
         value = float(objective.detach())
-        if value > best_objective + 1e-6 * max(1.0, abs(best_objective)):
+        if best_objective is None or value > best_objective + 1e-6 * max(1.0, abs(best_objective)):
             best_objective, stale = value, 0
         else:
             stale += 1
