@@ -12,6 +12,7 @@ from importlib.metadata import entry_points
 from typing import Optional
 
 from .errors import VerifierError
+from .runtime import keep_freed_memory
 
 EXIT_INTERNAL = 1
 
@@ -172,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     started = time.perf_counter()   # before the subcommands' imports (torch): see run_verify
+    keep_freed_memory()
     parser = build_parser()
     args = parser.parse_args(argv)
     args.started = started
