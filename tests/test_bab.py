@@ -76,7 +76,7 @@ def property_for(c: np.ndarray, rhs: float, lower, upper) -> Property:
                     (InputRegion(lower, upper, (OutputConstraint(c.reshape(1, -1), np.array([rhs])),)),))
 
 
-def check_bab_against_milp(seed: int, split: str, device: str = "cpu") -> None:
+def check_bab_against_milp(seed: int, split: str, device: str = "cpu", rebound: bool = False) -> None:
     """Just above / below the exact minimum (MILP) of a tiny net's output difference, BaB
     proves / refutes the property, and the counterexample is a real violation."""
     net = tiny_net(seed)
@@ -87,9 +87,9 @@ def check_bab_against_milp(seed: int, split: str, device: str = "cpu") -> None:
     model.graph((2,))
     for gap, expected in ((0.02, "unsat"), (-0.02, "sat")):
         prop = property_for(c, m_star - gap, lower, upper)
-        config = VerifyConfig(timeout=60, bab=BabConfig(input_split=split, relu_batch=8))
+        config = VerifyConfig(timeout=60, bab=BabConfig(input_split=split, relu_batch=8, rebound_intermediate=rebound))
         result = verify(model, prop, config)
-        assert result.status == expected, (seed, split, gap, m_star)
+        assert result.status == expected, (seed, split, rebound, gap, m_star)
         if expected == "sat":
             x, y = result.counterexample
             assert np.all(x >= lower) and np.all(x <= upper)
@@ -97,9 +97,9 @@ def check_bab_against_milp(seed: int, split: str, device: str = "cpu") -> None:
 
 
 @pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("split", ["on", "off"])
-def test_bab_matches_milp_on_tiny_nets(seed, split):
-    check_bab_against_milp(seed, split)
+@pytest.mark.parametrize("split, rebound", [("on", False), ("off", False), ("off", True)])
+def test_bab_matches_milp_on_tiny_nets(seed, split, rebound):
+    check_bab_against_milp(seed, split, rebound=rebound)
 
 
 def test_beta_crown_bounds_contain_points_satisfying_splits():

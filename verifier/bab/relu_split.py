@@ -277,8 +277,11 @@ class ReluSplitSearch:
 
     def step(self, parents: Domains):
         signs, ref, alphas, betas, layer, local = self.children(parents)
-        first_split = self.layout.z_nodes[int(layer.min())]
-        margins, bounds, alphas, betas, record, box = self.bound(signs, ref, alphas, betas, first_split + 1)
+        # without re-bounding, every intermediate layer keeps the parent's bounds (the split
+        # neurons' clamped by SplitState.apply)
+        recompute_from = self.layout.z_nodes[int(layer.min())] + 1 if self.config.rebound_intermediate \
+            else len(self.graph.nodes)
+        margins, bounds, alphas, betas, record, box = self.bound(signs, ref, alphas, betas, recompute_from)
         lower = margins.amax(1)
         ids = self.records.new_ids(len(lower), lower.device)
         depth = torch.cat([parents.depth, parents.depth]) + 1
