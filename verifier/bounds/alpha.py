@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..graph import BoundGraph
 from ..ops import Bounds, ReLU
-from .crown import Alphas, SplitState, crown_bounds, intersect, output_bounds, unstable_rows
+from .crown import Alphas, SplitState, crown_bounds, intersect, output_bounds, relu_lines, unstable_rows
 
 
 @dataclass(frozen=True)
@@ -104,12 +104,14 @@ def _optimise(graph, box, C, config, need_upper, initial, splits, alphas, params
     best_lb = best_ub = None
     best_bounds = list(initial)
     best_objective, stale = None, 0
+    # fixed intermediate bounds: the ReLU relaxations are the same in every iteration
+    lines = None if config.optimize_intermediate else relu_lines(graph, initial)
     for _ in range(config.iterations):
         if config.optimize_intermediate:
             bounds = crown_bounds(graph, box, alphas, splits, reference=best_bounds, rows=rows)
         else:
             bounds = initial
-        lb, ub = output_bounds(graph, box, C, bounds, need_upper, alphas, splits)
+        lb, ub = output_bounds(graph, box, C, bounds, need_upper, alphas, splits, lines=lines)
         with torch.no_grad():
             best_lb = lb.detach() if best_lb is None else torch.maximum(best_lb, lb.detach())
             if need_upper:
@@ -143,7 +145,7 @@ def _optimise(graph, box, C, config, need_upper, initial, splits, alphas, params
     with torch.no_grad():
         bounds = crown_bounds(graph, box, alphas, splits, reference=best_bounds, rows=rows) \
             if config.optimize_intermediate else initial
-        lb, ub = output_bounds(graph, box, C, bounds, need_upper, alphas, splits, record=record)
+        lb, ub = output_bounds(graph, box, C, bounds, need_upper, alphas, splits, record=record, lines=lines)
         best_lb = torch.maximum(best_lb, lb)
         if need_upper:
             best_ub = torch.minimum(best_ub, ub)

@@ -18,6 +18,10 @@ from ..graph import BoundGraph
 from ..ops import Bounds, Linear, ReLU
 from .ibp import ibp_bounds
 
+# relu node -> ReLU.relaxation of its input bounds: (upper slope, upper intercept, default lower
+# slope, unstable), each (N, *shape)
+ReluLines = dict[int, tuple[Tensor, Tensor, Tensor, Tensor]]
+
 # (start node, relu node) -> lower-relaxation slopes for the lA side and the uA side, each
 # (N, S_start, *relu_shape) or None.
 Alphas = dict[tuple[int, int], tuple[Optional[Tensor], Optional[Tensor]]]
@@ -107,7 +111,7 @@ def _start_A(graph: BoundGraph, start: int, rows: Tensor, N: int, dtype, device)
 def backward_bound(graph: BoundGraph, start: int, lA: Optional[Tensor], uA: Optional[Tensor],
                    bounds: list[Optional[Bounds]], box: Bounds, alphas: Optional[Alphas] = None,
                    splits: Optional[SplitState] = None, start_rows: Optional[Tensor] = None,
-                   record: Optional[dict[int, Tensor]] = None):
+                   record: Optional[dict[int, Tensor]] = None, lines: Optional[ReluLines] = None):
     """Bound linear functions of node ``start``'s value over the input box.
 
     lA, uA: (N, S, *shape_start) objectives for the lower / upper bound (either may be None);
@@ -116,7 +120,8 @@ def backward_bound(graph: BoundGraph, start: int, lA: Optional[Tensor], uA: Opti
     bounds: per node, Bounds (N, *shape) wherever a relaxation needs them.
     Returns lb, ub: (N, S) (None for a side not asked for). With ``record``, the lower-side
     coefficients reaching every ReLU node (N, S, *shape) and the input (key 0) are stored there
-    (branching heuristics read them).
+    (branching heuristics read them). ``lines``: ReLU relaxations computed once from ``bounds``
+    (``relu_lines``) by a caller that bounds repeatedly with the same intermediate bounds.
     """
     N = box.lower.shape[0]
     want_l, want_u = (True, True) if start_rows is not None else (lA is not None, uA is not None)
@@ -167,6 +172,8 @@ def backward_bound(graph: BoundGraph, start: int, lA: Optional[Tensor], uA: Opti
         kwargs = {}
         if alphas is not None and isinstance(node.op, ReLU) and (start, i) in alphas:
             kwargs["alpha_l"], kwargs["alpha_u"] = alphas[(start, i)]
+        if lines is not None and i in lines:
+            kwargs["lines"] = lines[i]
         result = node.op.backward(lA_i, uA_i, *(bounds[j] for j in node.inputs), **kwargs)
         lbias = lbias + result.lbias
         ubias = ubias + result.ubias
@@ -294,9 +301,15 @@ def crown_bounds(graph: BoundGraph, box: Bounds, alphas: Optional[Alphas] = None
     return bounds
 
 
+def relu_lines(graph: BoundGraph, bounds: list[Optional[Bounds]]) -> ReluLines:
+    """The relaxation of every ReLU under the given intermediate bounds."""
+    return {r: ReLU.relaxation(bounds[graph.nodes[r].inputs[0]]) for r in graph.relu_nodes()}
+
+
 def output_bounds(graph: BoundGraph, box: Bounds, C: Tensor, bounds: list[Optional[Bounds]],
                   need_upper: bool = True, alphas: Optional[Alphas] = None, splits: Optional[SplitState] = None,
-                  record: Optional[dict[int, Tensor]] = None):
-    """Bounds of ``C @ output``: C (N, S, *output_shape) -> lb, ub (N, S) (ub None without need_upper)."""
+                  record: Optional[dict[int, Tensor]] = None, lines: Optional[ReluLines] = None):
+    """Bounds of ``C @ output``: C (N, S, *output_shape) -> lb, ub (N, S) (ub None without need_upper).
+    ``lines``: see ``backward_bound``."""
     return backward_bound(graph, graph.output, C, C if need_upper else None, bounds, box, alphas, splits,
-                          record=record)
+                          record=record, lines=lines)

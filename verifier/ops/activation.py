@@ -43,10 +43,12 @@ class ReLU(Op):
         return upper_slope, upper_intercept, lower_slope, unstable
 
     def backward(self, lA: Optional[Tensor], uA: Optional[Tensor], b: Bounds,
-                 alpha_l: Optional[Tensor] = None, alpha_u: Optional[Tensor] = None) -> BackwardResult:
+                 alpha_l: Optional[Tensor] = None, alpha_u: Optional[Tensor] = None,
+                 lines: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None) -> BackwardResult:
         """lA, uA: (N, S, *shape); alpha_l, alpha_u: optional lower slopes of unstable neurons,
-        (N, S, *shape) or broadcastable, used on the lA (resp. uA) side."""
-        upper_slope, upper_intercept, lower_slope, unstable = self.relaxation(b)
+        (N, S, *shape) or broadcastable, used on the lA (resp. uA) side. ``lines``: this op's
+        ``relaxation(b)`` computed once by a caller that bounds many times with the same ``b``."""
+        upper_slope, upper_intercept, lower_slope, unstable = self.relaxation(b) if lines is None else lines
         up_s = upper_slope.unsqueeze(1)
         lA_in = uA_in = None
         lbias = ubias = 0.0
