@@ -145,7 +145,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def plot_certified(rows: list[dict], regime: str, path: Path) -> Path:
     """Certified accuracy against sparsity, one line per method, each starting at the dense
-    model (sparsity 0); clean accuracy dashed, PGD accuracy dotted in the same colour."""
+    model (sparsity 0); PGD accuracy dotted in the same colour."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -156,10 +156,11 @@ def plot_certified(rows: list[dict], regime: str, path: Path) -> Path:
     methods = sorted({r["method"] for r in mine} - {"dense"})
     figure = Figure(figsize=(7, 4.5))
     axes = figure.subplots()
+    palette = matplotlib.colormaps["tab10" if len(methods) <= 10 else "tab20"]   # a colour per method
     for index, method in enumerate(methods or ["dense"]):
         points = sorted((r for r in dense + [r for r in mine if r["method"] == method]),
                         key=lambda r: r["target_sparsity"])
-        colour = f"C{index % 10}"
+        colour = palette(index % palette.N)
         for key, style, label in (("certified_accuracy", "-o", method),
                                   ("pgd_accuracy", ":", None)):
             xy = [(r["target_sparsity"], r[key]) for r in points if r[key] is not None]
