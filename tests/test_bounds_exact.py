@@ -368,3 +368,30 @@ def test_alpha_crown_stops_early_only_after_patience_steps_without_gain(monkeypa
                 break
     assert len(steps) == expected, f"ran {len(steps)} steps, the rule says {expected}: {steps}"
     assert len(steps) > 2 * patience, f"this net's objective improves for more than {2 * patience} steps: {steps}"
+
+
+def test_precomputed_relu_lines_give_the_same_bounds():
+    """``output_bounds(..., lines=relu_lines(...))`` (alpha-CROWN's loop with fixed intermediate
+    bounds) equals recomputing each relaxation in the pass, with and without slopes."""
+    from verifier.bounds.alpha import init_alphas
+    from verifier.bounds.crown import crown_bounds, output_bounds, relu_lines
+    from verifier.ops import Bounds
+
+    model = tiny_net(8, 5, (12, 12), n_out=4)
+    graph = BoundedModel(model, dtype=torch.float64).graph((5,))
+    rng = generator(8)
+    center = torch.randn(3, 5, generator=rng, dtype=torch.float64)
+    box = Bounds(center - 0.7, center + 0.7)
+    C = random_spec(3, 2, 4, rng)
+    bounds = crown_bounds(graph, box)
+    assert any(bool(((bounds[graph.nodes[r].inputs[0]].lower < 0) & (bounds[graph.nodes[r].inputs[0]].upper > 0)).any())
+               for r in graph.relu_nodes()), "the box must leave some ReLU unstable"
+    slopes = init_alphas(graph, {graph.output: 2}, bounds, {graph.output: True})
+    with torch.no_grad():
+        for pair in slopes.values():
+            for a in pair:
+                a.uniform_(0, 1, generator=rng)
+    for alphas in (None, slopes):
+        want = output_bounds(graph, box, C, bounds, alphas=alphas)
+        got = output_bounds(graph, box, C, bounds, alphas=alphas, lines=relu_lines(graph, bounds))
+        assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
