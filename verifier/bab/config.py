@@ -14,9 +14,11 @@ class BabConfig:
     fsb_candidates: int = 3          # top-k BaBSR candidates evaluated by FSB
     max_domains: int = 500_000       # memory budget: more open domains -> "unknown"
     alpha_iterations: int = 10       # alpha/beta optimisation steps per BaB batch
-    # re-bound (CROWN, split multipliers fixed) the intermediate layers after a domain's newest
-    # split instead of keeping its parent's bounds there: tighter per domain, but 4x the cost
-    # per domain on mnistfc 256x4, which the search measured slower to close (RESULTS.md)
+    # Intermediate bounds of a child: its parent's, with the split neuron clamped and the layers
+    # after it tightened by interval propagation from there (intersected with the parent's).
+    # rebound_intermediate also re-bounds those layers by CROWN (split multipliers fixed):
+    # tighter per domain, but 4x the cost of a domain on mnistfc 256x4, and measured slower to
+    # close the search (RESULTS.md, "Engine changes of 2026-11-25")
     rebound_intermediate: bool = False
     alpha_lr: float = 0.1
     beta_lr: float = 0.05

@@ -277,8 +277,8 @@ class ReluSplitSearch:
 
     def step(self, parents: Domains):
         signs, ref, alphas, betas, layer, local = self.children(parents)
-        # without re-bounding, every intermediate layer keeps the parent's bounds (the split
-        # neurons' clamped by SplitState.apply)
+        # without re-bounding, the intermediate layers keep the parent's bounds, the split neurons
+        # clamped (SplitState.apply) and intervals propagated from them (crown_bounds' IBP pass)
         recompute_from = self.layout.z_nodes[int(layer.min())] + 1 if self.config.rebound_intermediate \
             else len(self.graph.nodes)
         margins, bounds, alphas, betas, record, box = self.bound(signs, ref, alphas, betas, recompute_from)
