@@ -253,3 +253,44 @@ def test_beta_multipliers_take_their_own_step_size():
     assert moved[0.0] == 0.0
     assert moved[0.1] > 1e-3
     assert BabConfig().beta_lr != BabConfig().alpha_lr
+
+
+@pytest.mark.parametrize("quantile", [0.25, 0.5, 0.75])
+def test_proven_samples_leave_the_optimisation_without_changing_the_others(quantile):
+    """alpha/beta optimisation with ``proven_above`` (branch and bound drops a subdomain from the
+    batch once proven) gives every unproven sample the bound, slopes, multipliers and branching
+    coefficients of the full-batch optimisation; the proven ones end above the threshold. Equal
+    up to float64 rounding: the matrix products run on batches of other sizes."""
+    from verifier.bounds.alpha import AlphaConfig, alpha_crown
+    net = tiny_net(8, n_in=5, hidden=(20, 20, 20), n_out=4)
+    graph = BoundedModel(net, dtype=torch.float64).graph((5,))
+    N = 64
+    gen = torch.Generator().manual_seed(0)
+    center = torch.randn(N, 5, generator=gen, dtype=torch.float64)
+    box = Bounds(center - 0.5, center + 0.5)
+    C = torch.randn(N, 1, 4, generator=gen, dtype=torch.float64)
+    z_nodes = [graph.nodes[r].inputs[0] for r in graph.relu_nodes()]
+    signs = {z: (torch.randint(-1, 2, (N, 20), generator=gen) * (torch.rand(N, 20, generator=gen) < 0.2)).double()
+             for z in z_nodes}
+    config = AlphaConfig(iterations=10, optimize_intermediate=False, early_stop_patience=10, beta_lr=0.05)
+    results = {}
+    for mode in ("full", "shrinking"):
+        betas = {z: torch.full((N, 1, 20), 0.1, dtype=torch.float64, requires_grad=True) for z in z_nodes}
+        with torch.no_grad():
+            initial = crown_bounds(graph, box, splits=SplitState(signs, {z: b.detach() for z, b in betas.items()}))
+        record = {}
+        # the threshold: a quantile of the initial CROWN bounds, so that samples leave at every step
+        threshold = float(output_bounds(graph, box, C, initial, need_upper=False, splits=SplitState(signs, betas))[0]
+                          .detach().quantile(quantile))
+        above = torch.tensor([threshold], dtype=torch.float64) if mode == "shrinking" else None
+        lb, _, _, alphas = alpha_crown(graph, box, C, config, need_upper=False, initial=initial,
+                                       splits=SplitState(signs, betas), record=record, proven_above=above)
+        results[mode] = (lb.detach(), [a[0].detach() for a in alphas.values()],
+                         [b.detach() for b in betas.values()], [record[k] for k in sorted(record)])
+    full, shrinking = results["full"], results["shrinking"]
+    open_ = (shrinking[0] <= threshold).squeeze(1)
+    assert 0 < int(open_.sum()) < N, "the threshold must split the batch"
+    assert torch.all(full[0][~open_] > threshold)
+    for want, got in zip([full[0], *full[1], *full[2], *full[3]],
+                         [shrinking[0], *shrinking[1], *shrinking[2], *shrinking[3]]):
+        assert torch.allclose(want[open_], got[open_], rtol=0, atol=1e-12)

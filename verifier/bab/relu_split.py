@@ -139,7 +139,7 @@ class ReluSplitSearch:
         record: dict[int, Tensor] = {}
         lb, _, _, new_alphas = alpha_crown(self.graph, box, C, self.alpha_config, need_upper=False,
                                            initial=bounds, splits=splits, warm=warm, record=record,
-                                           deadline=self.deadline)
+                                           deadline=self.deadline, proven_above=spec.rhs)
         alphas_out = {r: new_alphas[(out, r)][0].detach() for r in self.layout.relus if (out, r) in new_alphas}
         # a domain keeps only the bounds a relaxation reads (ReLU inputs), not the input box or
         # the affine layers' values: most of a domain's memory otherwise

@@ -61,7 +61,7 @@ def alpha_crown(graph: BoundGraph, box: Bounds, C: Tensor, config: AlphaConfig =
                 need_upper: bool = True, initial: Optional[list[Optional[Bounds]]] = None,
                 splits: Optional[SplitState] = None, warm: Optional[Alphas] = None,
                 extra_params: Optional[list[Tensor]] = None, record: Optional[dict[int, Tensor]] = None,
-                deadline: Optional[float] = None):
+                deadline: Optional[float] = None, proven_above: Optional[Tensor] = None):
     """Optimised bounds of ``C @ output`` over the box.
 
     C: (N, S, *output_shape). initial: CROWN bounds to start from (computed if None).
@@ -72,6 +72,11 @@ def alpha_crown(graph: BoundGraph, box: Bounds, C: Tensor, config: AlphaConfig =
     ``record`` receives the coefficients of the final pass (see ``backward_bound``).
     ``deadline`` (time.monotonic()) ends the optimisation early; every iterate is sound, so the
     best bounds so far are returned.
+    ``proven_above``: thresholds broadcastable to (N, S) (branch and bound: a subdomain is proven
+    once some row's lower bound exceeds its threshold). With fixed intermediate bounds
+    (``optimize_intermediate`` off) and no upper bound, a proven sample then leaves the
+    optimisation: its slopes, multipliers and bound are final, and the rest run on a smaller
+    batch. Its ``record`` rows are zero (nothing reads a proven subdomain's coefficients).
     """
     with torch.no_grad():
         if initial is None:
@@ -94,6 +99,10 @@ def alpha_crown(graph: BoundGraph, box: Bounds, C: Tensor, config: AlphaConfig =
             lb, ub = output_bounds(graph, box, C, initial, need_upper, splits=splits, record=record)
         return lb, ub, initial, alphas
     with torch.enable_grad():   # the slopes are optimised by gradient even under a caller's no_grad
+        if proven_above is not None and not config.optimize_intermediate and not need_upper and not extra_params:
+            lb = _optimise_until_proven(graph, box, C, config, initial, splits, alphas, proven_above, record,
+                                        deadline)
+            return lb, None, initial, alphas
         return _optimise(graph, box, C, config, need_upper, initial, splits, alphas, params, betas, rows, record,
                          deadline)
 
@@ -152,3 +161,107 @@ def _optimise(graph, box, C, config, need_upper, initial, splits, alphas, params
         if config.optimize_intermediate:
             best_bounds = [b if (b is None or r is None) else intersect(b, r) for b, r in zip(bounds, best_bounds)]
     return best_lb, best_ub, best_bounds, alphas
+
+
+def _optimise_until_proven(graph, box, C, config, initial, splits, alphas, proven_above, record, deadline) -> Tensor:
+    """``_optimise`` for lower bounds under fixed intermediate bounds, where a sample leaves the
+    batch once proven (see ``alpha_crown``). The slopes in ``alphas`` and the multipliers in
+    ``splits.betas`` are updated in place with every sample's final values. Returns the best
+    lower bounds (N, S)."""
+    N, S = C.shape[:2]
+    threshold = proven_above.expand(N, S)
+    betas = splits.betas if splits is not None else {}
+    signs = splits.signs if splits is not None else {}
+    lines = relu_lines(graph, initial)
+    best_lb = C.new_full((N, S), -float("inf"))
+    active = torch.arange(N, device=C.device)
+    work = _ActiveBatch(active, box, C, initial, lines, signs, alphas, betas, config)
+    for step in range(config.iterations + 1):
+        final = step == config.iterations or (deadline is not None and time.monotonic() > deadline)
+        lb, _ = output_bounds(graph, work.box, work.C, work.bounds, False, work.alphas, work.splits, lines=work.lines,
+                              record=work.record if final and record is not None else None)
+        with torch.no_grad():
+            best = torch.maximum(best_lb[active], lb.detach())
+            best_lb[active] = best
+            proven = (best > threshold[active]).any(1)
+        if final:
+            break
+        if bool(proven.all()):
+            break
+        work.optimizer.zero_grad()
+        (-lb.sum()).backward()
+        work.optimizer.step()
+        work.scheduler.step()
+        with torch.no_grad():
+            for a in work.parameters()[0]:
+                a.clamp_(0, 1)
+            for b in work.parameters()[1]:
+                b.clamp_(min=0)
+        if int(proven.sum()) * 4 >= len(active):   # shrink once a quarter is proven: copies cost too
+            work.write_back(alphas, betas)
+            keep = (~proven).nonzero().squeeze(1)
+            active = active[keep]
+            work = work.subset(keep, active, box, C, initial, lines, signs, alphas, betas)
+    work.write_back(alphas, betas)
+    if record is not None:
+        for key, value in work.record.items():
+            full = value.new_zeros(N, *value.shape[1:])
+            full[active] = value
+            record[key] = full
+    return best_lb
+
+
+class _ActiveBatch:
+    """The not-yet-proven samples ``active`` of ``_optimise_until_proven``: their slices of the
+    box, objectives, bounds, relaxations and split signs, their own slopes and multipliers
+    (leaf tensors) and the Adam optimiser over them."""
+
+    def __init__(self, active, box, C, initial, lines, signs, alphas, betas, config, moments=None, lr=None):
+        take = (lambda t: t) if moments is None and len(active) == C.shape[0] else (lambda t: t[active])
+        self.active = active
+        self.box = Bounds(take(box.lower), take(box.upper))
+        self.C = take(C)
+        self.bounds = [None if b is None else Bounds(take(b.lower), take(b.upper)) for b in initial]
+        self.lines = {r: tuple(take(t) for t in four) for r, four in lines.items()}
+        self.alphas = {key: (take(pair[0].detach()).clone().requires_grad_(True), None) for key, pair in alphas.items()}
+        live = {z: take(b.detach()).clone().requires_grad_(True) for z, b in betas.items()}
+        self.splits = SplitState({z: take(s) for z, s in signs.items()}, live)
+        self.record: dict[int, Tensor] = {}
+        groups = [{"params": [pair[0] for pair in self.alphas.values()]},
+                  {"params": list(live.values()), "lr": config.lr if config.beta_lr is None else config.beta_lr}]
+        groups = [g for g in groups if g["params"]]
+        self.optimizer = torch.optim.Adam(groups, lr=config.lr)
+        if lr is not None:
+            for group, value in zip(self.optimizer.param_groups, lr):
+                group["lr"] = value
+        self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, config.lr_decay)
+        self.config = config
+        if moments is not None:   # Adam's running moments of the surviving rows
+            for p, state in zip(self._flat(), moments):
+                self.optimizer.state[p] = state
+
+    def _flat(self) -> list[Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def parameters(self) -> tuple[list[Tensor], list[Tensor]]:
+        return [pair[0] for pair in self.alphas.values()], list(self.splits.betas.values())
+
+    def write_back(self, alphas, betas) -> None:
+        """Copy the working slopes and multipliers into the full-batch tensors."""
+        with torch.no_grad():
+            for key, pair in self.alphas.items():
+                alphas[key][0][self.active] = pair[0].detach()
+            for z, b in self.splits.betas.items():
+                betas[z][self.active] = b.detach()
+
+    def subset(self, keep, active, box, C, initial, lines, signs, alphas, betas) -> "_ActiveBatch":
+        """The batch of samples ``active`` = rows ``keep`` of this one, with their Adam moments."""
+        moments = []
+        for p in self._flat():
+            state = self.optimizer.state.get(p)
+            moments.append(None if not state else {
+                name: (value[keep] if torch.is_tensor(value) and value.dim() > 0 else value)
+                for name, value in state.items()})
+        lr = [group["lr"] for group in self.optimizer.param_groups]
+        return _ActiveBatch(active, box, C, initial, lines, signs, alphas, betas, self.config,
+                            moments=[m if m is not None else {} for m in moments], lr=lr)
