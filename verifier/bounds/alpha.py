@@ -76,7 +76,8 @@ def alpha_crown(graph: BoundGraph, box: Bounds, C: Tensor, config: AlphaConfig =
     once some row's lower bound exceeds its threshold). With fixed intermediate bounds
     (``optimize_intermediate`` off) and no upper bound, a proven sample then leaves the
     optimisation: its slopes, multipliers and bound are final, and the rest run on a smaller
-    batch. Its ``record`` rows are zero (nothing reads a proven subdomain's coefficients).
+    batch. Its ``record`` rows are zero (nothing reads a proven subdomain's coefficients). That
+    path runs every iteration (no early stop on the objective, which shrinks with the batch).
     """
     with torch.no_grad():
         if initial is None:
@@ -259,9 +260,7 @@ class _ActiveBatch:
         moments = []
         for p in self._flat():
             state = self.optimizer.state.get(p)
-            moments.append(None if not state else {
-                name: (value[keep] if torch.is_tensor(value) and value.dim() > 0 else value)
-                for name, value in state.items()})
+            moments.append({name: (value[keep] if torch.is_tensor(value) and value.dim() > 0 else value)
+                            for name, value in (state or {}).items()})
         lr = [group["lr"] for group in self.optimizer.param_groups]
-        return _ActiveBatch(active, box, C, initial, lines, signs, alphas, betas, self.config,
-                            moments=[m if m is not None else {} for m in moments], lr=lr)
+        return _ActiveBatch(active, box, C, initial, lines, signs, alphas, betas, self.config, moments=moments, lr=lr)
