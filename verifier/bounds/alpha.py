@@ -16,6 +16,7 @@ from torch import Tensor
 from ..graph import BoundGraph
 from ..ops import Bounds, ReLU
 from .crown import Alphas, SplitState, crown_bounds, intersect, output_bounds, relu_lines, unstable_rows
+from .optim import Adam
 
 
 @dataclass(frozen=True)
@@ -92,9 +93,9 @@ def alpha_crown(graph: BoundGraph, box: Bounds, C: Tensor, config: AlphaConfig =
             upper_wanted[i] = True
     alphas = init_alphas(graph, starts, initial, upper_wanted, warm)
     betas = list(splits.betas.values()) if splits is not None else []
-    params = [{"params": [a for pair in alphas.values() for a in pair if a is not None] + list(extra_params or [])},
-              {"params": betas, "lr": config.lr if config.beta_lr is None else config.beta_lr}]
-    params = [group for group in params if group["params"]]
+    params = [([a for pair in alphas.values() for a in pair if a is not None] + list(extra_params or []), config.lr),
+              (betas, config.lr if config.beta_lr is None else config.beta_lr)]
+    params = [group for group in params if group[0]]
     if not params:
         with torch.no_grad():
             lb, ub = output_bounds(graph, box, C, initial, need_upper, splits=splits, record=record)
@@ -109,8 +110,7 @@ def alpha_crown(graph: BoundGraph, box: Bounds, C: Tensor, config: AlphaConfig =
 
 
 def _optimise(graph, box, C, config, need_upper, initial, splits, alphas, params, betas, rows, record, deadline):
-    optimizer = torch.optim.Adam(params, lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, config.lr_decay)
+    optimizer = Adam(params, config.lr_decay)
     best_lb = best_ub = None
     best_bounds = list(initial)
     best_objective, stale = None, 0
@@ -143,7 +143,6 @@ def _optimise(graph, box, C, config, need_upper, initial, splits, alphas, params
         optimizer.zero_grad()
         (-objective).backward()
         optimizer.step()
-        scheduler.step()
         with torch.no_grad():
             for pair in alphas.values():
                 for a in pair:
@@ -192,7 +191,6 @@ def _optimise_until_proven(graph, box, C, config, initial, splits, alphas, prove
         work.optimizer.zero_grad()
         (-lb.sum()).backward()
         work.optimizer.step()
-        work.scheduler.step()
         with torch.no_grad():
             for a in work.parameters()[0]:
                 a.clamp_(0, 1)
@@ -215,10 +213,12 @@ def _optimise_until_proven(graph, box, C, config, initial, splits, alphas, prove
 class _ActiveBatch:
     """The not-yet-proven samples ``active`` of ``_optimise_until_proven``: their slices of the
     box, objectives, bounds, relaxations and split signs, their own slopes and multipliers
-    (leaf tensors) and the Adam optimiser over them."""
+    (leaf tensors) and the Adam optimiser over them (``optimizer``: continue that one's state,
+    restricted to rows ``rows`` of its tensors)."""
 
-    def __init__(self, active, box, C, initial, lines, signs, alphas, betas, config, moments=None, lr=None):
-        take = (lambda t: t) if moments is None and len(active) == C.shape[0] else (lambda t: t[active])
+    def __init__(self, active, box, C, initial, lines, signs, alphas, betas, config,
+                 optimizer: Optional[Adam] = None, rows: Optional[Tensor] = None):
+        take = (lambda t: t) if optimizer is None and len(active) == C.shape[0] else (lambda t: t[active])
         self.active = active
         self.box = Bounds(take(box.lower), take(box.upper))
         self.C = take(C)
@@ -228,21 +228,11 @@ class _ActiveBatch:
         live = {z: take(b.detach()).clone().requires_grad_(True) for z, b in betas.items()}
         self.splits = SplitState({z: take(s) for z, s in signs.items()}, live)
         self.record: dict[int, Tensor] = {}
-        groups = [{"params": [pair[0] for pair in self.alphas.values()]},
-                  {"params": list(live.values()), "lr": config.lr if config.beta_lr is None else config.beta_lr}]
-        groups = [g for g in groups if g["params"]]
-        self.optimizer = torch.optim.Adam(groups, lr=config.lr)
-        if lr is not None:
-            for group, value in zip(self.optimizer.param_groups, lr):
-                group["lr"] = value
-        self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, config.lr_decay)
+        groups = [([pair[0] for pair in self.alphas.values()], config.lr),
+                  (list(live.values()), config.lr if config.beta_lr is None else config.beta_lr)]
+        self.optimizer = Adam(groups, config.lr_decay) if optimizer is None else \
+            optimizer.restricted([p for tensors, _ in groups for p in tensors], rows)
         self.config = config
-        if moments is not None:   # Adam's running moments of the surviving rows
-            for p, state in zip(self._flat(), moments):
-                self.optimizer.state[p] = state
-
-    def _flat(self) -> list[Tensor]:
-        return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def parameters(self) -> tuple[list[Tensor], list[Tensor]]:
         return [pair[0] for pair in self.alphas.values()], list(self.splits.betas.values())
@@ -256,11 +246,6 @@ class _ActiveBatch:
                 betas[z][self.active] = b.detach()
 
     def subset(self, keep, active, box, C, initial, lines, signs, alphas, betas) -> "_ActiveBatch":
-        """The batch of samples ``active`` = rows ``keep`` of this one, with their Adam moments."""
-        moments = []
-        for p in self._flat():
-            state = self.optimizer.state.get(p)
-            moments.append({name: (value[keep] if torch.is_tensor(value) and value.dim() > 0 else value)
-                            for name, value in (state or {}).items()})
-        lr = [group["lr"] for group in self.optimizer.param_groups]
-        return _ActiveBatch(active, box, C, initial, lines, signs, alphas, betas, self.config, moments=moments, lr=lr)
+        """The batch of samples ``active`` = rows ``keep`` of this one, with their Adam state."""
+        return _ActiveBatch(active, box, C, initial, lines, signs, alphas, betas, self.config,
+                            optimizer=self.optimizer, rows=keep)
