@@ -28,6 +28,10 @@ class AlphaConfig:
     early_stop_patience: int = 5        # stop when the objective has not improved for this many steps
     beta_lr: Optional[float] = None     # Adam step of beta-CROWN's split multipliers (None: ``lr``)
 
+    @property
+    def multiplier_lr(self) -> float:
+        return self.lr if self.beta_lr is None else self.beta_lr
+
 
 def _relus_before(graph: BoundGraph, start: int) -> list[int]:
     anc = set(graph.ancestors(start))
@@ -94,7 +98,7 @@ def alpha_crown(graph: BoundGraph, box: Bounds, C: Tensor, config: AlphaConfig =
     alphas = init_alphas(graph, starts, initial, upper_wanted, warm)
     betas = list(splits.betas.values()) if splits is not None else []
     params = [([a for pair in alphas.values() for a in pair if a is not None] + list(extra_params or []), config.lr),
-              (betas, config.lr if config.beta_lr is None else config.beta_lr)]
+              (betas, config.multiplier_lr)]
     params = [group for group in params if group[0]]
     if not params:
         with torch.no_grad():
@@ -143,13 +147,7 @@ def _optimise(graph, box, C, config, need_upper, initial, splits, alphas, params
         optimizer.zero_grad()
         (-objective).backward()
         optimizer.step()
-        with torch.no_grad():
-            for pair in alphas.values():
-                for a in pair:
-                    if a is not None:
-                        a.clamp_(0, 1)
-            for b in betas:
-                b.clamp_(min=0)
+        _project([a for pair in alphas.values() for a in pair if a is not None], betas)
     # evaluate the final iterate too: the last step may have improved it
     with torch.no_grad():
         bounds = crown_bounds(graph, box, alphas, splits, reference=best_bounds, rows=rows) \
@@ -161,6 +159,15 @@ def _optimise(graph, box, C, config, need_upper, initial, splits, alphas, params
         if config.optimize_intermediate:
             best_bounds = [b if (b is None or r is None) else intersect(b, r) for b, r in zip(bounds, best_bounds)]
     return best_lb, best_ub, best_bounds, alphas
+
+
+@torch.no_grad()
+def _project(slopes: list[Tensor], multipliers: list[Tensor]) -> None:
+    """Back into the feasible set after a step: slopes into [0, 1], multipliers to >= 0."""
+    for a in slopes:
+        a.clamp_(0, 1)
+    for b in multipliers:
+        b.clamp_(min=0)
 
 
 def _optimise_until_proven(graph, box, C, config, initial, splits, alphas, proven_above, record, deadline) -> Tensor:
@@ -191,11 +198,7 @@ def _optimise_until_proven(graph, box, C, config, initial, splits, alphas, prove
         work.optimizer.zero_grad()
         (-lb.sum()).backward()
         work.optimizer.step()
-        with torch.no_grad():
-            for a in work.parameters()[0]:
-                a.clamp_(0, 1)
-            for b in work.parameters()[1]:
-                b.clamp_(min=0)
+        _project([pair[0] for pair in work.alphas.values()], list(work.splits.betas.values()))
         if int(proven.sum()) * 4 >= len(active):   # shrink once a quarter is proven: copies cost too
             work.write_back(alphas, betas)
             keep = (~proven).nonzero().squeeze(1)
@@ -229,13 +232,10 @@ class _ActiveBatch:
         self.splits = SplitState({z: take(s) for z, s in signs.items()}, live)
         self.record: dict[int, Tensor] = {}
         groups = [([pair[0] for pair in self.alphas.values()], config.lr),
-                  (list(live.values()), config.lr if config.beta_lr is None else config.beta_lr)]
+                  (list(live.values()), config.multiplier_lr)]
         self.optimizer = Adam(groups, config.lr_decay) if optimizer is None else \
             optimizer.restricted([p for tensors, _ in groups for p in tensors], rows)
         self.config = config
-
-    def parameters(self) -> tuple[list[Tensor], list[Tensor]]:
-        return [pair[0] for pair in self.alphas.values()], list(self.splits.betas.values())
 
     def write_back(self, alphas, betas) -> None:
         """Copy the working slopes and multipliers into the full-batch tensors."""

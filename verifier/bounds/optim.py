@@ -9,6 +9,7 @@ torch.optim.lr_scheduler.ExponentialLR's decay.
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import Tensor
 
