@@ -102,6 +102,136 @@ def test_bab_matches_milp_on_tiny_nets(seed, split, rebound):
     check_bab_against_milp(seed, split, rebound=rebound)
 
 
+def test_a_child_keeps_at_least_its_parents_bound():
+    """A ReLU split's children lie inside their parent's region, so each child's recorded lower
+    bound is at least its parent's (the parent's bound is sound for it), and the proof stands."""
+    net = tiny_net(0, n_in=3, hidden=(16, 16, 16), n_out=2)
+    lower, upper = -np.ones(3), np.ones(3)
+    c = np.array([1.0, -1.0])
+    m_star = exact_min(net, c, lower, upper)
+    model = BoundedModel(net, dtype=torch.float64)
+    model.graph((3,))
+    result = verify(model, property_for(c, m_star - 0.01, lower, upper),
+                    VerifyConfig(timeout=60, bab=BabConfig(input_split="off", relu_batch=2)))
+    assert result.status == "unsat"
+    lower_of = {}
+    relu_batches = 0
+    for batch in result.records.batches:
+        for i, parent, bound in zip(batch["id"].tolist(), batch["parent"].tolist(), batch["lower"].tolist()):
+            lower_of[i] = bound
+            if batch["kind"] == "relu":
+                assert bound >= lower_of[parent], (i, parent)
+        relu_batches += batch["kind"] == "relu"
+    assert relu_batches >= 3, "the property must need several branching steps"
+
+
+def _masked_affine(net: nn.Sequential, pattern: list[np.ndarray]):
+    """The affine maps of a ReLU MLP with a fixed activation pattern (1 active, 0 inactive), by
+    its weights: every hidden layer's pre-activations and the output, as (A, b) with value A x + b."""
+    linears = [m for m in net if isinstance(m, nn.Linear)]
+    A, b = np.eye(linears[0].in_features), np.zeros(linears[0].in_features)
+    hidden = []
+    for k, lin in enumerate(linears):
+        W, c = lin.weight.detach().numpy(), lin.bias.detach().numpy()
+        A, b = W @ A, W @ b + c
+        if k < len(pattern):
+            hidden.append((A, b))
+            A, b = pattern[k][:, None] * A, pattern[k] * b
+    return hidden, (A, b)
+
+
+def test_leaf_linear_program_is_exact_and_its_certificate_sound():
+    """A leaf with every ReLU split: the certified bound of ``settle_leaf`` equals the minimum of
+    the margin over the leaf's polytope (an independent LP on the masked weights) and lies below
+    the margin of every sampled input in the leaf; above that minimum the leaf is not proven."""
+    from scipy.optimize import linprog
+    from verifier.bab.leaf import settle_leaf
+    from verifier.spec import region_specs
+    net = tiny_net(5, n_in=3, hidden=(12, 12), n_out=2)
+    model = BoundedModel(net, dtype=torch.float64)
+    graph = model.graph((3,))
+    lower, upper = -np.ones(3), np.ones(3)
+    c = np.array([1.0, -1.0])
+    z_nodes = [graph.nodes[r].inputs[0] for r in graph.relu_nodes()]
+    with torch.no_grad():
+        anchor = graph.forward(torch.tensor([[0.3, -0.2, 0.5]], dtype=torch.float64), keep=True)
+    signs = {z: torch.where(anchor[z] >= 0, 1.0, -1.0).double() for z in z_nodes}
+    pattern = [(signs[z][0].numpy() > 0).astype(float) for z in z_nodes]
+    hidden, (A_out, b_out) = _masked_affine(net, pattern)
+    # the exact minimum of c . y over the polytope {x in box : s z(x) >= 0 for every neuron}
+    G = np.vstack([-pattern_sign[:, None] * A for (A, _), pattern_sign in zip(hidden, (2 * p - 1 for p in pattern))])
+    h = np.concatenate([pattern_sign * b for (_, b), pattern_sign in zip(hidden, (2 * p - 1 for p in pattern))])
+    exact = linprog(c @ A_out, A_ub=G, b_ub=h, bounds=list(zip(lower, upper)), method="highs")
+    assert exact.status == 0
+    minimum = exact.fun + c @ b_out
+    xs = torch.rand(200_000, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        values = graph.forward(xs, keep=True)
+    inside = torch.ones(len(xs), dtype=torch.bool)
+    for z in z_nodes:
+        inside &= (values[z] * signs[z] >= 0).all(1)
+    sampled = (values[graph.output][inside] @ torch.tensor(c)).numpy()
+    assert len(sampled) > 50
+    for rhs, expected in ((minimum - 0.05, "unsat"), (minimum + 0.05, "sat")):
+        spec = region_specs(property_for(c, rhs, lower, upper), (3,), "cpu", torch.float64)[0]
+        box = Bounds(spec.lower.unsqueeze(0), spec.upper.unsqueeze(0))
+        with torch.no_grad():
+            bounds = crown_bounds(graph, box, splits=SplitState(signs, {}))
+        assert all(not bool(((bounds[z].lower < 0) & (bounds[z].upper > 0)).any()) for z in z_nodes)
+
+        @torch.no_grad()
+        def check(points):
+            y = graph.forward(points)
+            hit = (y @ torch.tensor(c) <= rhs).nonzero().squeeze(1)
+            return None if len(hit) == 0 else (points[hit[0]].numpy(), y[hit[0]].numpy())
+        outcome, found, certified = settle_leaf(graph, spec, signs, bounds, check)
+        assert outcome == expected
+        assert abs(certified - (minimum - rhs)) < 1e-6
+        assert np.all(sampled - rhs >= certified - 1e-9)
+        if expected == "sat":
+            assert c @ found[1] <= rhs
+
+
+def test_leaf_whose_splits_no_input_satisfies_is_proven_empty():
+    """Splits x >= 0 and -x - 0.5 >= 0 leave no input: the leaf is proven (by the multipliers of
+    the infeasibility program) whatever the margin, even one violated on the whole box."""
+    from verifier.bab.leaf import settle_leaf
+    from verifier.spec import region_specs
+    net = nn.Sequential(nn.Linear(1, 2), nn.ReLU(), nn.Linear(2, 2)).double()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0], [-1.0]]))
+        net[0].bias.copy_(torch.tensor([0.0, -0.5]))
+        net[2].weight.copy_(torch.eye(2))
+        net[2].bias.zero_()
+    graph = BoundedModel(net, dtype=torch.float64).graph((1,))
+    z = graph.nodes[graph.relu_nodes()[0]].inputs[0]
+    signs = {z: torch.ones(1, 2, dtype=torch.float64)}
+    spec = region_specs(property_for(np.array([1.0, 0.0]), 10.0, -np.ones(1), np.ones(1)), (1,), "cpu",
+                        torch.float64)[0]
+    box = Bounds(spec.lower.unsqueeze(0), spec.upper.unsqueeze(0))
+    with torch.no_grad():
+        bounds = crown_bounds(graph, box, splits=SplitState(signs, {}))
+    outcome, found, certified = settle_leaf(graph, spec, signs, bounds, lambda points: None)
+    assert outcome == "unsat" and found is None and certified == float("inf")
+
+
+def test_leaves_left_by_the_optimisation_are_decided_exactly():
+    """On this net, beta-CROWN's few optimisation steps leave leaves (every ReLU decided) whose
+    bound is not positive though the property holds; before the leaf LP the answer was
+    ``unknown``. Now every leaf is decided, and the answer agrees with the MILP."""
+    net = tiny_net(4, n_in=3, hidden=(16, 16, 16), n_out=2)
+    lower, upper = -np.ones(3), np.ones(3)
+    c = np.array([1.0, -1.0])
+    m_star = exact_min(net, c, lower, upper)
+    model = BoundedModel(net, dtype=torch.float64)
+    model.graph((3,))
+    logs = []
+    result = verify(model, property_for(c, m_star - 0.01, lower, upper),
+                    VerifyConfig(timeout=60, bab=BabConfig(input_split="off", relu_batch=2)), log=logs.append)
+    assert result.status == "unsat"
+    assert sum("unsat by linear programming" in line for line in logs) >= 1
+
+
 def test_beta_crown_bounds_contain_points_satisfying_splits():
     net = tiny_net(11, n_in=3, hidden=(10, 10), n_out=3)
     model = BoundedModel(net, dtype=torch.float64)

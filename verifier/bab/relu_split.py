@@ -23,6 +23,7 @@ from ..graph import BoundGraph
 from ..ops import Bounds, ReLU
 from ..spec import RegionSpec
 from .config import BabConfig
+from .leaf import settle_leaf
 from .records import SubdomainRecords
 
 
@@ -251,10 +252,13 @@ class ReluSplitSearch:
                 return "unknown", None
             splittable = store.decision >= 0
             if not bool(splittable.all()):
-                self.stuck = True   # no unstable neuron left, bound still not positive
+                # leaves: no unstable neuron left and the bound still not positive
+                found = self.settle_leaves(store.take((~splittable).nonzero().squeeze(1)))
+                if found is not None:
+                    return "sat", found
                 store = store.take(splittable.nonzero().squeeze(1))
                 if len(store) == 0:
-                    return "unknown", None
+                    return ("unknown", None) if self.stuck else ("unsat", None)
             take = min(batch, len(store))
             order = torch.argsort(store.lower)
             parents, rest = store.take(order[:take]), store.take(order[take:])
@@ -275,6 +279,21 @@ class ReluSplitSearch:
                 self.log(f"relu split: {self.records.count} domains bounded, {len(store)} open, "
                          f"worst bound {float(store.lower.min()) if len(store) else 0:.4g}")
 
+    def settle_leaves(self, leaves: Domains) -> Optional[tuple]:
+        """Decide each leaf exactly (``leaf.settle_leaf``); a leaf left undecided makes the
+        search's answer ``unknown``. Returns a confirmed counterexample, or None."""
+        for k in range(len(leaves)):
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                self.stuck = True
+                return None
+            leaf = leaves.take(torch.tensor([k], device=leaves.lower.device))
+            outcome, found, _ = settle_leaf(self.graph, self.spec, leaf.signs, leaf.bounds, self.check)
+            self.log(f"leaf subdomain (depth {int(leaf.depth[0])}): {outcome} by linear programming")
+            if outcome == "sat":
+                return found
+            self.stuck |= outcome != "unsat"
+        return None
+
     def step(self, parents: Domains):
         signs, ref, alphas, betas, layer, local = self.children(parents)
         # without re-bounding, the intermediate layers keep the parent's bounds, the split neurons
@@ -282,7 +301,9 @@ class ReluSplitSearch:
         recompute_from = self.layout.z_nodes[int(layer.min())] + 1 if self.config.rebound_intermediate \
             else len(self.graph.nodes)
         margins, bounds, alphas, betas, record, box = self.bound(signs, ref, alphas, betas, recompute_from)
-        lower = margins.amax(1)
+        # a child's region lies inside its parent's, so the parent's bound holds for it too: the
+        # store's lowest bound (the progress log's) then never falls
+        lower = torch.maximum(margins.amax(1), torch.cat([parents.lower, parents.lower]))
         ids = self.records.new_ids(len(lower), lower.device)
         depth = torch.cat([parents.depth, parents.depth]) + 1
         P = len(parents)
