@@ -9,6 +9,12 @@ class BabConfig:
     input_split: str = "auto"        # "auto": split inputs when the input has <= input_split_max_dim entries
     input_split_max_dim: int = 16
     input_batch: int = 4096          # boxes bounded per step (input splitting)
+    # input splitting: alpha-CROWN steps (and their Adam step) on the boxes CROWN leaves open;
+    # 0 = CROWN only. ACAS Xu 3_3 prop_2 / 4_2 prop_2 in seconds (boxes): CROWN only timeout
+    # (> 7 M) / 19.1 (261 k); 2 steps 6.2 / 4.4; 5 steps 6.3 (21.9 k) / 4.6 (10.5 k); 10 steps
+    # 8.0 / 5.5; lr 1.6 worse at each (RESULTS.md)
+    input_alpha_iterations: int = 5
+    input_alpha_lr: float = 0.5
     relu_batch: int = 256            # domains branched per step (ReLU splitting; 2x children bounded)
     branching: str = "babsr"         # "babsr" or "fsb" (filtered smart branching)
     fsb_candidates: int = 3          # top-k BaBSR candidates evaluated by FSB
