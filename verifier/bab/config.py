@@ -15,6 +15,7 @@ class BabConfig:
     # 8.0 / 5.5; lr 1.6 worse at each (RESULTS.md)
     input_alpha_iterations: int = 5
     input_alpha_lr: float = 0.5
+    input_alpha_after: float = 1.0   # seconds of CROWN-only splitting first (1_1 prop_5: 0.9 s, not 1.4 s)
     relu_batch: int = 256            # domains branched per step (ReLU splitting; 2x children bounded)
     branching: str = "babsr"         # "babsr" or "fsb" (filtered smart branching)
     fsb_candidates: int = 3          # top-k BaBSR candidates evaluated by FSB

@@ -72,6 +72,7 @@ def input_split_search(graph: BoundGraph, spec: RegionSpec, check: Checker, dead
     depth = torch.zeros(1, dtype=torch.long, device=device)
     dims = torch.full((1,), -1, device=device)
     steps, last_log = 0, time.monotonic()
+    start = last_log
     attacks = WideAttacks(graph, spec, check, config, deadline)
     needed = graph.needs_bounds()
     kept: dict[int, Bounds] = {}   # needed node -> bounds of each open box's parent, (M, *shape)
@@ -94,8 +95,9 @@ def input_split_search(graph: BoundGraph, spec: RegionSpec, check: Checker, dead
                 reference[i] = Bounds(b.lower[-take:], b.upper[-take:])
             kept = {i: Bounds(b.lower[:-take], b.upper[:-take]) for i, b in kept.items()}
 
-        margins, A, bounds = bound_boxes(graph, spec, lo, hi, reference, config.input_alpha_iterations,
-                                         config.input_alpha_lr)
+        # alpha-CROWN only once the search proves long: on easy instances it costs more than it saves
+        alpha_iterations = config.input_alpha_iterations if time.monotonic() - start > config.input_alpha_after else 0
+        margins, A, bounds = bound_boxes(graph, spec, lo, hi, reference, alpha_iterations, config.input_alpha_lr)
         proven = spec.proven(margins)
         worst = spec.worst(margins)
         records.add(b_ids, b_par, b_depth, worst, None, "input", split_index=b_dim, region=region)
