@@ -231,7 +231,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, help="run at most N instances (after --every)")
     p.add_argument("--every", type=int, default=1, help="take every K-th instance (default 1: all)")
     p.add_argument("--jobs", type=int, default=1, help="instances run at once (default 1; >1 skews timings)")
-    p.add_argument("--threads", type=int, default=0, help="pass --threads N to verify (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=0, help="pass --threads N to verify (default: verify's, the idle cores)")
     p.add_argument("--verify-args", help="extra arguments for `certiprune verify`, e.g. \"--input-split on\"")
     p.add_argument("--summary", action="store_true", help="only summarise --out, run nothing")
 

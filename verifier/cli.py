@@ -12,7 +12,7 @@ from importlib.metadata import entry_points
 from typing import Optional
 
 from .errors import VerifierError
-from .runtime import keep_freed_memory
+from .runtime import idle_cores, keep_freed_memory
 
 EXIT_INTERNAL = 1
 
@@ -92,7 +92,8 @@ def add_verify_parser(subparsers) -> None:
     p.add_argument("--input-split", default="auto", choices=("auto", "on", "off"),
                    help="split the input box instead of ReLUs (auto: when the input has <= 16 entries)")
     p.add_argument("--no-bab", action="store_true", help="stop after the root bounds (incomplete)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (default: the idle cores, from the load average)")
     p.set_defaults(handler=run_verify)
 
 
@@ -104,8 +105,7 @@ def run_verify(args) -> int:
     import torch
     from .bab.config import BabConfig
     from .verify import VerifyConfig, complete_root_records, format_result, verify
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads if args.threads > 0 else min(torch.get_num_threads(), idle_cores()))
     model, prop = _load(args)
     log = (lambda s: None) if args.quiet else (lambda s: print(f"[{time.perf_counter() - t0:7.2f}s] {s}",
                                                                file=sys.stderr))
