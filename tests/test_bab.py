@@ -1,6 +1,7 @@
 """Branch and bound: exact answers on tiny networks (MILP by scipy), beta-CROWN soundness under
 split constraints, agreement of input and ReLU splitting, and honoured timeouts."""
 import time
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -76,7 +77,8 @@ def property_for(c: np.ndarray, rhs: float, lower, upper) -> Property:
                     (InputRegion(lower, upper, (OutputConstraint(c.reshape(1, -1), np.array([rhs])),)),))
 
 
-def check_bab_against_milp(seed: int, split: str, device: str = "cpu", rebound: bool = False) -> None:
+def check_bab_against_milp(seed: int, split: str, device: str = "cpu", rebound: Optional[bool] = False,
+                           branching: str = "babsr") -> None:
     """Just above / below the exact minimum (MILP) of a tiny net's output difference, BaB
     proves / refutes the property, and the counterexample is a real violation."""
     net = tiny_net(seed)
@@ -87,9 +89,10 @@ def check_bab_against_milp(seed: int, split: str, device: str = "cpu", rebound: 
     model.graph((2,))
     for gap, expected in ((0.02, "unsat"), (-0.02, "sat")):
         prop = property_for(c, m_star - gap, lower, upper)
-        config = VerifyConfig(timeout=60, bab=BabConfig(input_split=split, relu_batch=8, rebound_intermediate=rebound))
+        config = VerifyConfig(timeout=60, bab=BabConfig(input_split=split, relu_batch=8, rebound_intermediate=rebound,
+                                                        branching=branching))
         result = verify(model, prop, config)
-        assert result.status == expected, (seed, split, rebound, gap, m_star)
+        assert result.status == expected, (seed, split, rebound, branching, gap, m_star)
         if expected == "sat":
             x, y = result.counterexample
             assert np.all(x >= lower) and np.all(x <= upper)
@@ -97,9 +100,35 @@ def check_bab_against_milp(seed: int, split: str, device: str = "cpu", rebound: 
 
 
 @pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("split, rebound", [("on", False), ("off", False), ("off", True)])
-def test_bab_matches_milp_on_tiny_nets(seed, split, rebound):
-    check_bab_against_milp(seed, split, rebound=rebound)
+@pytest.mark.parametrize("split, rebound, branching", [("on", False, "babsr"), ("off", False, "babsr"),
+                                                      ("off", True, "babsr"), ("off", None, "layer")])
+def test_bab_matches_milp_on_tiny_nets(seed, split, rebound, branching):
+    check_bab_against_milp(seed, split, rebound=rebound, branching=branching)
+
+
+def test_auto_branching_picks_layer_order_where_a_layer_has_blown_up():
+    """``branching="auto"``: the earliest layer first (and re-bounding) where a ReLU layer is
+    almost entirely unstable at the root, BaBSR (bounds kept) elsewhere; the earliest-layer rule
+    leaves only that layer's neurons."""
+    from verifier.bab.relu_split import ReluLayout, choose_branching, earliest_layer_only
+    net = tiny_net(0, n_in=2, hidden=(4, 4), n_out=2)
+    graph = BoundedModel(net, dtype=torch.float64).graph((2,))
+    layout = ReluLayout(graph)
+    z1, z2 = layout.z_nodes
+    bounds = [None] * len(graph.nodes)
+    bounds[z1] = Bounds(torch.tensor([[-1.0, 0.5, -1.0, -2.0]]), torch.tensor([[1.0, 1.0, -0.5, 1.0]]))
+    bounds[z2] = Bounds(-torch.ones(1, 4), torch.ones(1, 4))        # 4/4 unstable
+    assert choose_branching(BabConfig(), layout, bounds) == ("layer", True)
+    assert choose_branching(BabConfig(rebound_intermediate=False), layout, bounds) == ("layer", False)
+    bounds[z2] = Bounds(torch.tensor([[-1.0, 0.1, -1.0, -1.0]]), torch.ones(1, 4))   # 3/4 unstable
+    assert choose_branching(BabConfig(), layout, bounds) == ("babsr", False)
+    assert choose_branching(BabConfig(branching="fsb"), layout, bounds) == ("fsb", False)
+    inf = float("inf")
+    scores = torch.tensor([[-inf, -inf, -inf, -inf, 1.0, 5.0, -inf, 2.0],
+                           [0.5, -inf, 0.2, -inf, 9.0, 9.0, 9.0, 9.0]])
+    kept = earliest_layer_only(layout, scores)
+    assert kept.argmax(1).tolist() == [5, 0]
+    assert torch.isinf(kept[1, 4:]).all() and torch.equal(kept[0], scores[0])
 
 
 def test_a_child_keeps_at_least_its_parents_bound():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -17,7 +18,14 @@ class BabConfig:
     input_alpha_lr: float = 0.5
     input_alpha_after: float = 1.0   # seconds of CROWN-only splitting first (1_1 prop_5: 0.9 s, not 1.4 s)
     relu_batch: int = 256            # domains branched per step (ReLU splitting; 2x children bounded)
-    branching: str = "babsr"         # "babsr" or "fsb" (filtered smart branching)
+    # "babsr", "fsb" (filtered smart branching), "layer" (the earliest layer with an unstable
+    # neuron, BaBSR's best within it), or "auto": "layer" when some ReLU layer has at least
+    # layer_branching_unstable of its neurons unstable at the root, else "babsr". There the
+    # intermediate bounds have blown up (mnistfc 256x6 at eps 0.03: root margins of -150 to
+    # -460, the last two layers 256/256 unstable, while sampled pre-activations never cross 0),
+    # and only splits near the input followed by re-bounding the layers after them can close it
+    branching: str = "auto"
+    layer_branching_unstable: float = 0.95
     fsb_candidates: int = 3          # top-k BaBSR candidates evaluated by FSB
     max_domains: int = 500_000       # memory budget: more open domains -> "unknown"
     alpha_iterations: int = 10       # alpha/beta optimisation steps per BaB batch
@@ -26,7 +34,8 @@ class BabConfig:
     # rebound_intermediate also re-bounds those layers by CROWN (split multipliers fixed):
     # tighter per domain, but 4x the cost of a domain on mnistfc 256x4, and measured slower to
     # close the search (RESULTS.md, "Engine changes of 2026-11-25")
-    rebound_intermediate: bool = False
+    # None: on with "layer" branching, off otherwise
+    rebound_intermediate: Optional[bool] = None
     # Adam's step for the slopes: large, so that a few steps reach the best corner of [0, 1]
     # (the bound is linear in each last-layer slope); measured on mnistfc 256x4 prop_10_0.05:
     # 0.05 / 0.1 / 0.2 / 0.4 / 0.8 / 1.6 / 3.2 -> 356k / 161k / 79k / 41k / 31k / 12.8k / 16.8k

@@ -106,6 +106,27 @@ def branching_scores(layout: ReluLayout, graph: BoundGraph, bounds: list[Bounds]
     return torch.cat(scores, dim=1)
 
 
+def earliest_layer_only(layout: ReluLayout, scores: Tensor) -> Tensor:
+    """scores (M, total) with -inf outside each domain's earliest layer that has a splittable
+    neuron (``branching="layer"``)."""
+    layer_of = torch.repeat_interleave(torch.arange(len(layout.sizes), device=scores.device),
+                                       torch.tensor(layout.sizes, device=scores.device))
+    first = torch.where(torch.isfinite(scores), layer_of, len(layout.sizes)).amin(1, keepdim=True)
+    return torch.where(layer_of == first, scores, torch.full_like(scores, -float("inf")))
+
+
+def choose_branching(config: BabConfig, layout: ReluLayout, bounds: list[Optional[Bounds]]) -> tuple[str, bool]:
+    """The heuristic and whether children re-bound their intermediate layers, for ``config``
+    and the root's intermediate bounds (batch 1)."""
+    branching = config.branching
+    if branching == "auto":
+        blown_up = any(float(((bounds[z].lower < 0) & (bounds[z].upper > 0)).float().mean())
+                       >= config.layer_branching_unstable for z in layout.z_nodes)
+        branching = "layer" if blown_up else "babsr"
+    rebound = config.rebound_intermediate
+    return branching, branching == "layer" if rebound is None else rebound
+
+
 class ReluSplitSearch:
     def __init__(self, graph: BoundGraph, spec: RegionSpec, check: Callable[[Tensor], Optional[tuple]],
                  config: BabConfig, records: SubdomainRecords, region: int = 0,
@@ -118,6 +139,8 @@ class ReluSplitSearch:
                                         optimize_intermediate=False, early_stop_patience=config.alpha_iterations,
                                         beta_lr=config.beta_lr)
         self.stuck = False
+        self.branching, self.rebound = choose_branching(config, self.layout, []) if config.branching != "auto" \
+            else ("babsr", bool(config.rebound_intermediate))   # "auto" decides at the root
         self.deadline: Optional[float] = None
 
     # ---- bounding ------------------------------------------------------------------------
@@ -150,8 +173,10 @@ class ReluSplitSearch:
     def decide(self, bounds, record, signs, alphas, betas, box) -> Tensor:
         """The neuron each domain splits next: (M,) flat index, -1 where none is unstable."""
         scores = branching_scores(self.layout, self.graph, bounds, record)
+        if self.branching == "layer":
+            scores = earliest_layer_only(self.layout, scores)
         best, index = scores.max(1)
-        if self.config.branching == "fsb" and scores.shape[1] > 1 and scores.shape[0]:
+        if self.branching == "fsb" and scores.shape[1] > 1 and scores.shape[0]:
             index = self.smart_branching(scores, bounds, signs, alphas, betas, box)
         return torch.where(torch.isfinite(best), index, torch.full_like(index, -1))
 
@@ -204,6 +229,9 @@ class ReluSplitSearch:
         betas = {z: torch.zeros(1, 1, *self.graph.nodes[z].shape, dtype=self.spec.lower.dtype,
                                 device=self.spec.lower.device) for z in self.layout.z_nodes}
         margins, bounds, alphas, betas, record, box = self.bound(signs, reference, {}, betas)
+        self.branching, self.rebound = choose_branching(self.config, self.layout, bounds)
+        self.log(f"branching: {self.branching}, intermediate bounds {'re-bounded' if self.rebound else 'kept'} "
+                 f"after a split")
         ids = self.records.new_ids(1, margins.device)
         lower = margins.amax(1)
         self.records.add(ids, torch.full((1,), -1), torch.zeros(1, dtype=torch.long), lower,
@@ -298,7 +326,7 @@ class ReluSplitSearch:
         signs, ref, alphas, betas, layer, local = self.children(parents)
         # without re-bounding, the intermediate layers keep the parent's bounds, the split neurons
         # clamped (SplitState.apply) and intervals propagated from them (crown_bounds' IBP pass)
-        recompute_from = self.layout.z_nodes[int(layer.min())] + 1 if self.config.rebound_intermediate \
+        recompute_from = self.layout.z_nodes[int(layer.min())] + 1 if self.rebound \
             else len(self.graph.nodes)
         margins, bounds, alphas, betas, record, box = self.bound(signs, ref, alphas, betas, recompute_from)
         # a child's region lies inside its parent's, so the parent's bound holds for it too: the
