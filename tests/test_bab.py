@@ -131,17 +131,22 @@ def test_auto_branching_picks_layer_order_where_a_layer_has_blown_up():
     assert torch.isinf(kept[1, 4:]).all() and torch.equal(kept[0], scores[0])
 
 
-def test_a_child_keeps_at_least_its_parents_bound():
-    """A ReLU split's children lie inside their parent's region, so each child's recorded lower
-    bound is at least its parent's (the parent's bound is sound for it), and the proof stands."""
-    net = tiny_net(0, n_in=3, hidden=(16, 16, 16), n_out=2)
+def relu_split_just_above_minimum(seed: int, log=lambda s: None) -> VerificationResult:
+    """ReLU splitting (batches of 2) on a 3x16 tiny net, at its exact minimum (MILP) - 0.01."""
+    net = tiny_net(seed, n_in=3, hidden=(16, 16, 16), n_out=2)
     lower, upper = -np.ones(3), np.ones(3)
     c = np.array([1.0, -1.0])
     m_star = exact_min(net, c, lower, upper)
     model = BoundedModel(net, dtype=torch.float64)
     model.graph((3,))
-    result = verify(model, property_for(c, m_star - 0.01, lower, upper),
-                    VerifyConfig(timeout=60, bab=BabConfig(input_split="off", relu_batch=2)))
+    return verify(model, property_for(c, m_star - 0.01, lower, upper),
+                  VerifyConfig(timeout=60, bab=BabConfig(input_split="off", relu_batch=2)), log=log)
+
+
+def test_a_child_keeps_at_least_its_parents_bound():
+    """A ReLU split's children lie inside their parent's region, so each child's recorded lower
+    bound is at least its parent's (the parent's bound is sound for it), and the proof stands."""
+    result = relu_split_just_above_minimum(0)
     assert result.status == "unsat"
     lower_of = {}
     relu_batches = 0
@@ -248,15 +253,8 @@ def test_leaves_left_by_the_optimisation_are_decided_exactly():
     """On this net, beta-CROWN's few optimisation steps leave leaves (every ReLU decided) whose
     bound is not positive though the property holds; before the leaf LP the answer was
     ``unknown``. Now every leaf is decided, and the answer agrees with the MILP."""
-    net = tiny_net(4, n_in=3, hidden=(16, 16, 16), n_out=2)
-    lower, upper = -np.ones(3), np.ones(3)
-    c = np.array([1.0, -1.0])
-    m_star = exact_min(net, c, lower, upper)
-    model = BoundedModel(net, dtype=torch.float64)
-    model.graph((3,))
     logs = []
-    result = verify(model, property_for(c, m_star - 0.01, lower, upper),
-                    VerifyConfig(timeout=60, bab=BabConfig(input_split="off", relu_batch=2)), log=logs.append)
+    result = relu_split_just_above_minimum(4, logs.append)
     assert result.status == "unsat"
     assert sum("unsat by linear programming" in line for line in logs) >= 1
 
