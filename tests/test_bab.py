@@ -107,8 +107,9 @@ def test_bab_matches_milp_on_tiny_nets(seed, split, rebound, branching):
 
 
 def test_auto_branching_picks_layer_order_where_a_layer_has_blown_up():
-    """``branching="auto"``: the earliest layer first (and re-bounding) where a ReLU layer is
-    almost entirely unstable at the root, BaBSR (bounds kept) elsewhere; the earliest-layer rule
+    """``branching="auto"``: the earliest layer first (and re-bounding) where the root's bounds
+    grew from a first layer at most half unstable to a later one almost entirely unstable, BaBSR
+    (bounds kept) elsewhere; the earliest-layer rule
     leaves only that layer's neurons."""
     from verifier.bab.relu_split import ReluLayout, choose_branching, earliest_layer_only
     net = tiny_net(0, n_in=2, hidden=(4, 4), n_out=2)
@@ -116,10 +117,13 @@ def test_auto_branching_picks_layer_order_where_a_layer_has_blown_up():
     layout = ReluLayout(graph)
     z1, z2 = layout.z_nodes
     bounds = [None] * len(graph.nodes)
-    bounds[z1] = Bounds(torch.tensor([[-1.0, 0.5, -1.0, -2.0]]), torch.tensor([[1.0, 1.0, -0.5, 1.0]]))
+    bounds[z1] = Bounds(torch.tensor([[-1.0, 0.5, -1.0, 0.5]]), torch.tensor([[1.0, 1.0, -0.5, 1.0]]))  # 1/4
     bounds[z2] = Bounds(-torch.ones(1, 4), torch.ones(1, 4))        # 4/4 unstable
     assert choose_branching(BabConfig(), layout, bounds) == ("layer", True)
     assert choose_branching(BabConfig(rebound_intermediate=False), layout, bounds) == ("layer", False)
+    bounds[z1] = Bounds(-torch.ones(1, 4), torch.ones(1, 4))        # unstable from the first layer on
+    assert choose_branching(BabConfig(), layout, bounds) == ("babsr", False)
+    bounds[z1] = Bounds(torch.tensor([[-1.0, 0.5, -1.0, 0.5]]), torch.tensor([[1.0, 1.0, -0.5, 1.0]]))
     bounds[z2] = Bounds(torch.tensor([[-1.0, 0.1, -1.0, -1.0]]), torch.ones(1, 4))   # 3/4 unstable
     assert choose_branching(BabConfig(), layout, bounds) == ("babsr", False)
     assert choose_branching(BabConfig(branching="fsb"), layout, bounds) == ("fsb", False)

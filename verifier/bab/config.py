@@ -19,8 +19,9 @@ class BabConfig:
     input_alpha_after: float = 1.0   # seconds of CROWN-only splitting first (1_1 prop_5: 0.9 s, not 1.4 s)
     relu_batch: int = 256            # domains branched per step (ReLU splitting; 2x children bounded)
     # "babsr", "fsb" (filtered smart branching), "layer" (the earliest layer with an unstable
-    # neuron, BaBSR's best within it), or "auto": "layer" when some ReLU layer has at least
-    # layer_branching_unstable of its neurons unstable at the root, else "babsr". There the
+    # neuron, BaBSR's best within it), or "auto": "layer" when at the root the first ReLU layer
+    # is at most half unstable and a later one has at least layer_branching_unstable of its
+    # neurons unstable, else "babsr". There the
     # intermediate bounds have blown up (mnistfc 256x6 at eps 0.03: root margins of -150 to
     # -460, the last two layers 256/256 unstable, while sampled pre-activations never cross 0),
     # and only splits near the input followed by re-bounding the layers after them can close it
