@@ -119,13 +119,13 @@ def test_auto_branching_picks_layer_order_where_a_layer_has_blown_up():
     bounds = [None] * len(graph.nodes)
     bounds[z1] = Bounds(torch.tensor([[-1.0, 0.5, -1.0, 0.5]]), torch.tensor([[1.0, 1.0, -0.5, 1.0]]))  # 1/4
     bounds[z2] = Bounds(-torch.ones(1, 4), torch.ones(1, 4))        # 4/4 unstable
-    assert choose_branching(BabConfig(), layout, bounds) == ("layer", True)
-    assert choose_branching(BabConfig(rebound_intermediate=False), layout, bounds) == ("layer", False)
+    assert choose_branching(BabConfig(branching="auto"), layout, bounds) == ("layer", True)
+    assert choose_branching(BabConfig(branching="auto", rebound_intermediate=False), layout, bounds) == ("layer", False)
     bounds[z1] = Bounds(-torch.ones(1, 4), torch.ones(1, 4))        # unstable from the first layer on
-    assert choose_branching(BabConfig(), layout, bounds) == ("babsr", False)
+    assert choose_branching(BabConfig(branching="auto"), layout, bounds) == ("babsr", False)
     bounds[z1] = Bounds(torch.tensor([[-1.0, 0.5, -1.0, 0.5]]), torch.tensor([[1.0, 1.0, -0.5, 1.0]]))
     bounds[z2] = Bounds(torch.tensor([[-1.0, 0.1, -1.0, -1.0]]), torch.ones(1, 4))   # 3/4 unstable
-    assert choose_branching(BabConfig(), layout, bounds) == ("babsr", False)
+    assert choose_branching(BabConfig(branching="auto"), layout, bounds) == ("babsr", False)
     assert choose_branching(BabConfig(branching="fsb"), layout, bounds) == ("fsb", False)
     inf = float("inf")
     scores = torch.tensor([[-inf, -inf, -inf, -inf, 1.0, 5.0, -inf, 2.0],

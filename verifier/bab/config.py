@@ -25,7 +25,9 @@ class BabConfig:
     # intermediate bounds have blown up (mnistfc 256x6 at eps 0.03: root margins of -150 to
     # -460, the last two layers 256/256 unstable, while sampled pre-activations never cross 0),
     # and only splits near the input followed by re-bounding the layers after them can close it
-    branching: str = "auto"
+    # default "babsr": "auto" decides 256x6 prop_5_0.03 (unsat in 52 s) but loses the
+    # counterexample of 256x4 prop_1_0.05 (sat in 4 s with BaBSR) to its slow first steps
+    branching: str = "babsr"
     layer_branching_unstable: float = 0.95
     fsb_candidates: int = 3          # top-k BaBSR candidates evaluated by FSB
     max_domains: int = 500_000       # memory budget: more open domains -> "unknown"
