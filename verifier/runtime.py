@@ -49,4 +49,4 @@ def idle_cores() -> int:
         busy = round(os.getloadavg()[0])
     except OSError:
         busy = 0
-    return max(1, min(cores, cores - busy))
+    return max(1, cores - busy)

@@ -21,11 +21,11 @@ class BabConfig:
     # "babsr", "fsb" (filtered smart branching), "layer" (the earliest layer with an unstable
     # neuron, BaBSR's best within it), or "auto": "layer" when at the root the first ReLU layer
     # is at most half unstable and a later one has at least layer_branching_unstable of its
-    # neurons unstable, else "babsr". There the
-    # intermediate bounds have blown up (mnistfc 256x6 at eps 0.03: root margins of -150 to
-    # -460, the last two layers 256/256 unstable, while sampled pre-activations never cross 0),
-    # and only splits near the input followed by re-bounding the layers after them can close it
-    # default "babsr": "auto" decides 256x6 prop_5_0.03 (unsat in 52 s) but loses the
+    # neurons unstable, else "babsr". There the intermediate bounds have blown up (mnistfc 256x6
+    # at eps 0.03: root margins of -150 to -460, the last two layers 256/256 unstable, while
+    # sampled pre-activations never cross 0), and only splits near the input followed by
+    # re-bounding the layers after them can close it.
+    # Default "babsr": "auto" decides 256x6 prop_5_0.03 (unsat in 52 s) but loses the
     # counterexample of 256x4 prop_1_0.05 (sat in 4 s with BaBSR) to its slow first steps
     branching: str = "babsr"
     layer_branching_unstable: float = 0.95

@@ -59,7 +59,7 @@ def settle_leaf(graph: BoundGraph, spec: RegionSpec, signs: dict[int, Tensor], b
     R = spec.C.shape[0]
     A_m, b_m = _affine(graph, graph.output, spec.C.unsqueeze(0), None, bounds, box)
     b_m = b_m - spec.rhs.double().cpu().numpy()
-    split_parts = []                                                      # (node, flat indices, sign)
+    split_parts = []                                      # (node, flat indices, rows of G, entries of h)
     for z, s in signs.items():
         flat = s.flatten()
         idx = flat.nonzero().squeeze(1)
@@ -90,14 +90,10 @@ def settle_leaf(graph: BoundGraph, spec: RegionSpec, signs: dict[int, Tensor], b
         y = np.concatenate([np.zeros(R), y])
     lam, dtype, device = y[:R], spec.C.dtype, spec.C.device
     objective = torch.as_tensor(lam, dtype=dtype, device=device) @ spec.C               # (n_out,)
-    betas, offset = {}, R
-    for z, s in signs.items():
-        beta = torch.zeros_like(s, dtype=dtype).flatten()
-        for node, idx, _, _ in split_parts:
-            if node == z:
-                beta[idx] = torch.as_tensor(y[offset:offset + len(idx)], dtype=dtype, device=device)
-                offset += len(idx)
-        betas[z] = beta.view(1, 1, *s.shape[1:])
+    betas, offset = {z: torch.zeros(1, 1, *s.shape[1:], dtype=dtype, device=device) for z, s in signs.items()}, R
+    for z, idx, _, _ in split_parts:                      # G's split rows, in this order
+        betas[z].view(-1)[idx] = torch.as_tensor(y[offset:offset + len(idx)], dtype=dtype, device=device)
+        offset += len(idx)
     with torch.no_grad():
         lb, _ = output_bounds(graph, box, objective.view(1, 1, *spec.C.shape[1:]), bounds, need_upper=False,
                               splits=SplitState(signs, betas))

@@ -142,8 +142,7 @@ class ReluSplitSearch:
                                         optimize_intermediate=False, early_stop_patience=config.alpha_iterations,
                                         beta_lr=config.beta_lr)
         self.stuck = False
-        self.branching, self.rebound = choose_branching(config, self.layout, []) if config.branching != "auto" \
-            else ("babsr", bool(config.rebound_intermediate))   # "auto" decides at the root
+        self.branching, self.rebound = "babsr", False   # set at the root (choose_branching)
         self.deadline: Optional[float] = None
 
     # ---- bounding ------------------------------------------------------------------------

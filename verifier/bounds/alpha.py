@@ -191,9 +191,7 @@ def _optimise_until_proven(graph, box, C, config, initial, splits, alphas, prove
             best = torch.maximum(best_lb[active], lb.detach())
             best_lb[active] = best
             proven = (best > threshold[active]).any(1)
-        if final:
-            break
-        if bool(proven.all()):
+        if final or bool(proven.all()):
             break
         work.optimizer.zero_grad()
         (-lb.sum()).backward()
