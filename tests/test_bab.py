@@ -135,6 +135,58 @@ def test_auto_branching_picks_layer_order_where_a_layer_has_blown_up():
     assert torch.isinf(kept[1, 4:]).all() and torch.equal(kept[0], scores[0])
 
 
+def test_auto_branching_restarts_in_layer_order_after_a_bounded_babsr_phase():
+    """``auto`` where it picks the layer order: BaBSR first for ``auto_babsr_share`` of the time,
+    then the search restarts from the root in the layer order, and still answers exactly (MILP)."""
+    net = tiny_net(1, n_in=3, hidden=(16, 16, 16), n_out=2)
+    lower, upper = -0.3 * np.ones(3), 0.3 * np.ones(3)
+    c = np.array([1.0, -1.0])
+    m_star = exact_min(net, c, lower, upper)
+    model = BoundedModel(net, dtype=torch.float64)
+    model.graph((3,))
+    # every later layer counts as blown up; BaBSR gets no time, so the restart must happen
+    bab = BabConfig(input_split="off", relu_batch=2, branching="auto", layer_branching_unstable=0.0,
+                    auto_babsr_share=1e-9)
+    logs: list[str] = []
+    result = verify(model, property_for(c, m_star - 0.01, lower, upper), VerifyConfig(timeout=60, bab=bab),
+                    log=logs.append)
+    assert result.status == "unsat"
+    phases = [line for line in logs if line.startswith("branching:") or "restarts" in line]
+    assert phases[0].startswith("branching: babsr") and "restarts" in phases[1]
+    assert phases[2] == "branching: layer, intermediate bounds re-bounded after a split"
+    result = verify(model, property_for(c, m_star + 0.01, lower, upper), VerifyConfig(timeout=60, bab=bab))
+    assert result.status == "sat" and c @ result.counterexample[1] <= m_star + 0.01 + 1e-9
+
+
+def test_domain_store_pops_the_lowest_bounds_and_reuses_freed_rows():
+    from verifier.bab.domains import Domains, DomainStore
+
+    def domains(lower: list[float], first_id: int) -> Domains:
+        n = len(lower)
+        ids = torch.arange(first_id, first_id + n)
+        return Domains({3: ids.double().view(n, 1).repeat(1, 2)}, [None, Bounds(-ids.double().view(n, 1), ids.double().view(n, 1))],
+                       {4: torch.zeros(n, 2, 1)}, {3: torch.ones(n, 1, 2)}, torch.tensor(lower, dtype=torch.float64),
+                       ids.clone(), torch.zeros(n, dtype=torch.long), ids)
+
+    rng = np.random.default_rng(0)
+    lowers = rng.normal(size=300).tolist()
+    store = DomainStore(domains(lowers[:1], 0), capacity=4)
+    for start in range(0, 300, 50):                      # grows 4 -> 512
+        store.push(domains(lowers[start:start + 50], start))
+    assert len(store) == 300 and store.capacity >= 300
+    assert store.lowest() == min(lowers)
+    taken = store.pop(7)
+    assert sorted(taken.lower.tolist()) == sorted(lowers)[:7]
+    for t in (taken.signs[3][:, 0], taken.bounds[1].upper[:, 0], taken.decision.double()):
+        assert torch.equal(t, taken.ids.double())        # every field of a row travels together
+    assert torch.equal(taken.bounds[1].lower[:, 0], -taken.ids.double())
+    capacity = store.capacity
+    store.push(domains([-10.0] * 7, 1000))              # into the freed rows
+    assert store.capacity == capacity and len(store) == 300
+    assert sorted(store.pop(7).ids.tolist()) == list(range(1000, 1007))
+    assert len(store) == 293 and store.lowest() == sorted(lowers)[7]
+
+
 def relu_split_just_above_minimum(seed: int, log=lambda s: None) -> VerificationResult:
     """ReLU splitting (batches of 2) on a 3x16 tiny net, at its exact minimum (MILP) - 0.01."""
     net = tiny_net(seed, n_in=3, hidden=(16, 16, 16), n_out=2)

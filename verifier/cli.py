@@ -88,9 +88,9 @@ def add_verify_parser(subparsers) -> None:
     p.add_argument("--stats", help="append JSON lines to this file: an instance summary (verdict, seconds, root "
                                    "bounds of IBP, CROWN, alpha-CROWN and the attack's best margin), then one "
                                    "line per bounded subdomain (read by `certiprune stats`)")
-    p.add_argument("--branching", default="babsr", choices=("auto", "babsr", "fsb", "layer"),
-                   help="ReLU branching heuristic (auto: layer where the root's intermediate bounds have "
-                        "blown up, else babsr)")
+    p.add_argument("--branching", default="auto", choices=("auto", "babsr", "fsb", "layer"),
+                   help="ReLU branching heuristic (auto: babsr, or where the root's intermediate bounds "
+                        "have blown up, 1%% of the time in babsr and then layer from the root)")
     p.add_argument("--input-split", default="auto", choices=("auto", "on", "off"),
                    help="split the input box instead of ReLUs (auto: when the input has <= 16 entries)")
     p.add_argument("--no-bab", action="store_true", help="stop after the root bounds (incomplete)")

@@ -18,6 +18,9 @@ class BabConfig:
     input_alpha_lr: float = 0.5
     input_alpha_after: float = 1.0   # seconds of CROWN-only splitting first (1_1 prop_5: 0.9 s, not 1.4 s)
     relu_batch: int = 256            # domains branched per step (ReLU splitting; 2x children bounded)
+    # a step longer than this halves the batch: the deadline is checked between steps (and
+    # between layers of a re-bounding), so a timeout is honoured to within about a step
+    max_step_seconds: float = 2.0
     # "babsr", "fsb" (filtered smart branching), "layer" (the earliest layer with an unstable
     # neuron, BaBSR's best within it), or "auto": "layer" when at the root the first ReLU layer
     # is at most half unstable and a later one has at least layer_branching_unstable of its
@@ -25,10 +28,14 @@ class BabConfig:
     # at eps 0.03: root margins of -150 to -460, the last two layers 256/256 unstable, while
     # sampled pre-activations never cross 0), and only splits near the input followed by
     # re-bounding the layers after them can close it.
-    # Default "babsr": "auto" decides 256x6 prop_5_0.03 (unsat in 52 s) but loses the
-    # counterexample of 256x4 prop_1_0.05 (sat in 4 s with BaBSR) to its slow first steps
-    branching: str = "babsr"
+    branching: str = "auto"
     layer_branching_unstable: float = 0.95
+    # "auto" where it picks "layer": BaBSR (intermediate bounds kept) gets this share of the time
+    # left first, then the search restarts from the root in the layer order. BaBSR finds the
+    # counterexamples near the root in seconds (256x4 prop_1_0.05: sat in 1.2 s), which the
+    # layer order's slow first steps missed for 300 s; on 256x6 prop_5_0.03 (nine disjuncts)
+    # each BaBSR phase costs its share: unsat in 114 s with 0.03, 44 s in the layer order alone
+    auto_babsr_share: float = 0.01
     fsb_candidates: int = 3          # top-k BaBSR candidates evaluated by FSB
     max_domains: int = 500_000       # memory budget: more open domains -> "unknown"
     alpha_iterations: int = 10       # alpha/beta optimisation steps per BaB batch

@@ -11,7 +11,6 @@ minimiser of each remaining child's linear lower bound is tried concretely.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -23,46 +22,9 @@ from ..graph import BoundGraph
 from ..ops import Bounds, ReLU
 from ..spec import RegionSpec
 from .config import BabConfig
+from .domains import Domains, DomainStore
 from .leaf import settle_leaf
 from .records import SubdomainRecords
-
-
-@dataclass
-class Domains:
-    """A batch of M subdomains of one region and one disjunct (R rows)."""
-
-    signs: dict[int, Tensor]            # z node -> (M, *shape) in {-1, 0, +1}
-    bounds: list[Optional[Bounds]]      # per node, (M, *shape) where a relaxation needs them, else None
-    alphas: dict[int, Tensor]           # relu node -> (M, R, *shape) lower slopes, output objective
-    betas: dict[int, Tensor]            # z node -> (M, 1, *shape) >= 0
-    lower: Tensor                       # (M,) best margin lower bound (proven when > 0)
-    decision: Tensor                    # (M,) flat neuron index over all ReLU layers, -1 if none
-    depth: Tensor                       # (M,)
-    ids: Tensor                         # (M,)
-
-    def __len__(self) -> int:
-        return self.lower.shape[0]
-
-    def take(self, index: Tensor) -> "Domains":
-        pick = lambda t: t[index]
-        return Domains({k: pick(v) for k, v in self.signs.items()},
-                       [None if b is None else Bounds(pick(b.lower), pick(b.upper)) for b in self.bounds],
-                       {k: pick(v) for k, v in self.alphas.items()}, {k: pick(v) for k, v in self.betas.items()},
-                       pick(self.lower), pick(self.decision), pick(self.depth), pick(self.ids))
-
-    @staticmethod
-    def cat(parts: list["Domains"]) -> "Domains":
-        parts = [p for p in parts if p is not None]
-        first = parts[0]
-        cat = lambda ts: torch.cat(ts)
-        return Domains({k: cat([p.signs[k] for p in parts]) for k in first.signs},
-                       [None if b is None else Bounds(cat([p.bounds[i].lower for p in parts]),
-                                                      cat([p.bounds[i].upper for p in parts]))
-                        for i, b in enumerate(first.bounds)],
-                       {k: cat([p.alphas[k] for p in parts]) for k in first.alphas},
-                       {k: cat([p.betas[k] for p in parts]) for k in first.betas},
-                       cat([p.lower for p in parts]), cat([p.decision for p in parts]),
-                       cat([p.depth for p in parts]), cat([p.ids for p in parts]))
 
 
 class ReluLayout:
@@ -144,6 +106,8 @@ class ReluSplitSearch:
         self.stuck = False
         self.branching, self.rebound = "babsr", False   # set at the root (choose_branching)
         self.deadline: Optional[float] = None
+        self.root_record: dict[int, Tensor] = {}   # the root's coefficients and box, for its decisions
+        self.root_box: Optional[Bounds] = None
 
     # ---- bounding ------------------------------------------------------------------------
     def bound(self, signs: dict[int, Tensor], reference: list[Optional[Bounds]], alphas: dict[int, Tensor],
@@ -157,7 +121,8 @@ class ReluSplitSearch:
         C = spec.C.unsqueeze(0).expand(M, *spec.C.shape)
         with torch.no_grad():
             fixed = SplitState(signs, {z: b.detach() for z, b in betas.items()})
-            bounds = crown_bounds(self.graph, box, splits=fixed, reference=reference, recompute_from=recompute_from)
+            bounds = crown_bounds(self.graph, box, splits=fixed, reference=reference, recompute_from=recompute_from,
+                                  deadline=self.deadline)
         live_betas = {z: b.detach().clone().requires_grad_(True) for z, b in betas.items()}
         splits = SplitState(signs, live_betas)
         out = self.graph.output
@@ -226,20 +191,98 @@ class ReluSplitSearch:
 
     # ---- the search ----------------------------------------------------------------------
     def root(self, reference: Optional[list[Optional[Bounds]]]) -> Domains:
+        """The whole region as one domain, bounded and recorded, with no branching decision yet
+        (``with_decisions``)."""
         signs = {z: torch.zeros(1, *self.graph.nodes[z].shape, dtype=self.spec.lower.dtype,
                                 device=self.spec.lower.device) for z in self.layout.z_nodes}
         betas = {z: torch.zeros(1, 1, *self.graph.nodes[z].shape, dtype=self.spec.lower.dtype,
                                 device=self.spec.lower.device) for z in self.layout.z_nodes}
         margins, bounds, alphas, betas, record, box = self.bound(signs, reference, {}, betas)
-        self.branching, self.rebound = choose_branching(self.config, self.layout, bounds)
-        self.log(f"branching: {self.branching}, intermediate bounds {'re-bounded' if self.rebound else 'kept'} "
-                 f"after a split")
         ids = self.records.new_ids(1, margins.device)
         lower = margins.amax(1)
         self.records.add(ids, torch.full((1,), -1), torch.zeros(1, dtype=torch.long), lower,
                          self.unstable_counts(bounds), "root", region=self.region)
-        return Domains(signs, bounds, alphas, betas, lower, self.decide(bounds, record, signs, alphas, betas, box),
+        self.root_record, self.root_box = record, box
+        return Domains(signs, bounds, alphas, betas, lower, torch.full_like(ids, -1),
                        torch.zeros(1, dtype=torch.long, device=ids.device), ids)
+
+    def with_decisions(self, root: Domains, branching: str, rebound: bool) -> Domains:
+        """The root domain with the decision of ``branching``, which the search then uses."""
+        self.branching, self.rebound = branching, rebound
+        self.log(f"branching: {branching}, intermediate bounds {'re-bounded' if rebound else 'kept'} after a split")
+        decision = self.decide(root.bounds, self.root_record, root.signs, root.alphas, root.betas, self.root_box)
+        return Domains(root.signs, root.bounds, root.alphas, root.betas, root.lower, decision, root.depth, root.ids)
+
+    def run(self, deadline: float, reference: Optional[list[Optional[Bounds]]] = None) -> tuple[str, Optional[tuple]]:
+        if not self.layout.relus:
+            return "unknown", None
+        self.deadline = deadline
+        root = self.root(reference)
+        branching, rebound = choose_branching(self.config, self.layout, root.bounds)
+        if self.config.branching == "auto" and branching == "layer":
+            # BaBSR first: it finds the counterexamples near the root in seconds (256x4
+            # prop_1_0.05), where the layer order's first re-bounded steps take tens
+            phase_end = time.monotonic() + self.config.auto_babsr_share * max(0.0, deadline - time.monotonic())
+            outcome, found = self.search(self.with_decisions(root, "babsr", False), phase_end)
+            if outcome in ("sat", "unsat") or time.monotonic() > deadline:
+                return (outcome, found) if outcome in ("sat", "unsat") else ("timeout", None)
+            self.log("no verdict by BaBSR: the search restarts from the root")
+            self.stuck = False
+        return self.search(self.with_decisions(root, branching, rebound), deadline)
+
+    def search(self, root: Domains, deadline: float) -> tuple[str, Optional[tuple]]:
+        """Best-first branch and bound from ``root`` until ``deadline``."""
+        self.deadline = deadline
+        store = DomainStore(root)
+        found = self.admit(store, root)
+        if found is not None:
+            return "sat", found
+        batch = self.config.relu_batch
+        last_log = time.monotonic()
+        while True:
+            if len(store) == 0:
+                return ("unknown", None) if self.stuck else ("unsat", None)
+            if time.monotonic() > deadline:
+                return "timeout", None
+            if len(store) > self.config.max_domains:
+                return "unknown", None
+            parents = store.pop(batch)
+            started = time.monotonic()
+            try:
+                result = self.step(parents)
+            except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+                if not _is_out_of_memory(exc) or batch == 1:
+                    raise
+                batch = max(1, batch // 2)
+                self.log(f"out of memory: batch shrinks to {batch}")
+                store.push(parents)
+                continue
+            took = time.monotonic() - started
+            if isinstance(result, tuple):
+                return result
+            found = self.admit(store, result)
+            if found is not None:
+                return "sat", found
+            if took > self.config.max_step_seconds and batch > 1:
+                # a step is the unit the deadline is checked in: keep it short
+                batch = max(1, batch // 2)
+                self.log(f"a step took {took:.1f} s: batch shrinks to {batch}")
+            if time.monotonic() - last_log > 5:
+                last_log = time.monotonic()
+                self.log(f"relu split: {self.records.count} domains bounded, {len(store)} open, "
+                         f"worst bound {store.lowest() if len(store) else 0:.4g}")
+
+    def admit(self, store: DomainStore, domains: Domains) -> Optional[tuple]:
+        """Push the open domains of ``domains`` into the store; settle its leaves (no unstable
+        neuron left, bound not positive) at once. Returns a confirmed counterexample, or None."""
+        open_ = domains.lower <= 0
+        leaf = open_ & (domains.decision < 0)
+        if bool(leaf.any()):
+            found = self.settle_leaves(domains.take(leaf.nonzero().squeeze(1)))
+            if found is not None:
+                return found
+        store.push(domains.take((open_ & ~leaf).nonzero().squeeze(1)))
+        return None
 
     def unstable_counts(self, bounds) -> Tensor:
         return torch.stack([((bounds[z].lower < 0) & (bounds[z].upper > 0)).flatten(1).sum(1)
@@ -263,51 +306,6 @@ class ReluSplitSearch:
                   for b in parents.bounds]
         alphas = {r: torch.cat([a, a]) for r, a in parents.alphas.items()}
         return signs, bounds, alphas, betas, torch.cat([layer, layer]), torch.cat([local, local])
-
-    def run(self, deadline: float, reference: Optional[list[Optional[Bounds]]] = None) -> tuple[str, Optional[tuple]]:
-        if not self.layout.relus:
-            return "unknown", None
-        self.deadline = deadline
-        store = self.root(reference)
-        batch = self.config.relu_batch
-        last_log = time.monotonic()
-        while True:
-            open_ = store.lower <= 0
-            store = store.take(open_.nonzero().squeeze(1))
-            if len(store) == 0:
-                return ("unknown", None) if self.stuck else ("unsat", None)
-            if time.monotonic() > deadline:
-                return "timeout", None
-            if len(store) > self.config.max_domains:
-                return "unknown", None
-            splittable = store.decision >= 0
-            if not bool(splittable.all()):
-                # leaves: no unstable neuron left and the bound still not positive
-                found = self.settle_leaves(store.take((~splittable).nonzero().squeeze(1)))
-                if found is not None:
-                    return "sat", found
-                store = store.take(splittable.nonzero().squeeze(1))
-                if len(store) == 0:
-                    return ("unknown", None) if self.stuck else ("unsat", None)
-            take = min(batch, len(store))
-            order = torch.argsort(store.lower)
-            parents, rest = store.take(order[:take]), store.take(order[take:])
-            try:
-                result = self.step(parents)
-            except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as exc:
-                if not _is_out_of_memory(exc) or batch == 1:
-                    raise
-                batch = max(1, batch // 2)
-                self.log(f"out of memory: batch shrinks to {batch}")
-                store = Domains.cat([parents, rest])
-                continue
-            if isinstance(result, tuple):
-                return result
-            store = Domains.cat([rest, result]) if len(rest) else result
-            if time.monotonic() - last_log > 5:
-                last_log = time.monotonic()
-                self.log(f"relu split: {self.records.count} domains bounded, {len(store)} open, "
-                         f"worst bound {float(store.lower.min()) if len(store) else 0:.4g}")
 
     def settle_leaves(self, leaves: Domains) -> Optional[tuple]:
         """Decide each leaf exactly (``leaf.settle_leaf``); a leaf left undecided makes the

@@ -8,6 +8,8 @@ split multipliers; without them this is plain CROWN.
 """
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -261,7 +263,7 @@ def intersect(a: Bounds, b: Bounds) -> Bounds:
 def crown_bounds(graph: BoundGraph, box: Bounds, alphas: Optional[Alphas] = None,
                  splits: Optional[SplitState] = None, reference: Optional[list[Optional[Bounds]]] = None,
                  rows: Optional[dict[int, Tensor]] = None, method: str = "crown",
-                 recompute_from: int = 0) -> list[Optional[Bounds]]:
+                 recompute_from: int = 0, deadline: Optional[float] = None) -> list[Optional[Bounds]]:
     """Bounds of every node that a relaxation needs (others: IBP), in topological order.
 
     Each needed node gets IBP from its (already tightened) inputs, intersected with ``reference``
@@ -269,7 +271,8 @@ def crown_bounds(graph: BoundGraph, box: Bounds, alphas: Optional[Alphas] = None
     with method "crown" -- by a backward pass on the rows that are still unstable (``rows``
     overrides that choice; alpha-CROWN keeps rows fixed while it optimises). Needed nodes before
     ``recompute_from`` keep their reference bounds without a backward pass (branch and bound:
-    layers before the earliest new split cannot change).
+    layers before the earliest new split cannot change). Past ``deadline`` (time.monotonic())
+    no further backward pass runs: the bounds stay sound, only looser.
     """
     needed = set(graph.needs_bounds())
     bounds: list[Optional[Bounds]] = [box]
@@ -280,7 +283,9 @@ def crown_bounds(graph: BoundGraph, box: Bounds, alphas: Optional[Alphas] = None
                 b = intersect(b, reference[i])
             if splits is not None:
                 b = splits.apply(i, b)
-            if method == "crown" and not (i < recompute_from and reference is not None and reference[i] is not None):
+            keep_reference = i < recompute_from and reference is not None and reference[i] is not None
+            late = deadline is not None and time.monotonic() > deadline
+            if method == "crown" and not keep_reference and not late:
                 per_sample = None
                 if rows is None and alphas is None and (splits is None or not splits.betas):
                     per_sample = _crown_per_sample_rows(graph, i, b, bounds)
