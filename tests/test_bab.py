@@ -159,7 +159,7 @@ def test_auto_branching_restarts_in_layer_order_after_a_bounded_babsr_phase():
 
 
 def test_domain_store_pops_the_lowest_bounds_and_reuses_freed_rows():
-    from verifier.bab.domains import Domains, DomainStore
+    from verifier.bab.domains import Domains, DomainStore, StoreFull
 
     def domains(lower: list[float], first_id: int) -> Domains:
         n = len(lower)
@@ -185,6 +185,12 @@ def test_domain_store_pops_the_lowest_bounds_and_reuses_freed_rows():
     assert store.capacity == capacity and len(store) == 300
     assert sorted(store.pop(7).ids.tolist()) == list(range(1000, 1007))
     assert len(store) == 293 and store.lowest() == sorted(lowers)[7]
+    # the memory budget: growing past a share of the available memory is refused, not attempted
+    small = DomainStore(domains([0.0], 0), capacity=2, memory_share=1e-12)
+    small.push(domains([0.0, 1.0], 0))
+    with pytest.raises(StoreFull):
+        small.push(domains([2.0], 2))
+    assert len(small) == 2
 
 
 def relu_split_just_above_minimum(seed: int, log=lambda s: None) -> VerificationResult:

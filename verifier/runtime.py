@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+from typing import Optional
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
@@ -50,3 +51,21 @@ def idle_cores() -> int:
     except OSError:
         busy = 0
     return max(1, cores - busy)
+
+
+def available_memory(device) -> Optional[int]:
+    """Bytes that new tensors on ``device`` can still take: the GPU's free memory, or on the CPU
+    the kernel's MemAvailable (/proc/meminfo). None where it cannot be known."""
+    import torch
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -16,6 +16,11 @@ import torch
 from torch import Tensor
 
 from ..ops import Bounds
+from ..runtime import available_memory
+
+
+class StoreFull(Exception):
+    """The store would need more memory than the device has left (the search's memory budget)."""
 
 
 @dataclass
@@ -60,10 +65,12 @@ class DomainStore:
     """The open domains of one search: rows of preallocated buffers, a free row's key +inf.
 
     ``push`` writes rows into free slots, ``pop(k)`` removes the k domains with the lowest bounds.
-    Every domain pushed must have the layout (keys, shapes) of the first."""
+    Every domain pushed must have the layout (keys, shapes) of the first. Growing copies the
+    buffers into ones twice as large; where that would take more than ``memory_share`` of the
+    device's available memory, ``push`` raises ``StoreFull`` instead."""
 
-    def __init__(self, like: Domains, capacity: int = 1024):
-        self.like = like
+    def __init__(self, like: Domains, capacity: int = 1024, memory_share: float = 0.5):
+        self.like, self.memory_share = like, memory_share
         self.buffers = [t.new_empty((capacity, *t.shape[1:])) for t in like.tensors()]
         self.keys = torch.full((capacity,), float("inf"), dtype=like.lower.dtype, device=like.lower.device)
         self.live = torch.zeros(capacity, dtype=torch.bool, device=like.lower.device)
@@ -81,6 +88,10 @@ class DomainStore:
         while capacity < needed:
             capacity *= 2
         old = self.capacity
+        row_bytes = sum(b[:1].numel() * b.element_size() for b in self.buffers) + 9
+        available = available_memory(self.keys.device)
+        if available is not None and (capacity - old) * row_bytes > self.memory_share * available:
+            raise StoreFull(f"{capacity} domains of {row_bytes} bytes: {available >> 20} MiB available")
         self.buffers = [torch.cat([b, b.new_empty((capacity - old, *b.shape[1:]))]) for b in self.buffers]
         self.keys = torch.cat([self.keys, self.keys.new_full((capacity - old,), float("inf"))])
         self.live = torch.cat([self.live, self.live.new_zeros(capacity - old)])

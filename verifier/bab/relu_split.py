@@ -22,7 +22,7 @@ from ..graph import BoundGraph
 from ..ops import Bounds, ReLU
 from ..spec import RegionSpec
 from .config import BabConfig
-from .domains import Domains, DomainStore
+from .domains import Domains, DomainStore, StoreFull
 from .leaf import settle_leaf
 from .records import SubdomainRecords
 
@@ -260,7 +260,11 @@ class ReluSplitSearch:
             took = time.monotonic() - started
             if isinstance(result, tuple):
                 return result
-            found = self.admit(store, result)
+            try:
+                found = self.admit(store, result)
+            except StoreFull as exc:
+                self.log(f"memory budget reached ({exc})")
+                return "unknown", None
             if found is not None:
                 return "sat", found
             if took > self.config.max_step_seconds and batch > 1:
