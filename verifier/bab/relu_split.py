@@ -224,8 +224,10 @@ class ReluSplitSearch:
             # prop_1_0.05), where the layer order's first re-bounded steps take tens
             phase_end = time.monotonic() + self.config.auto_babsr_share * max(0.0, deadline - time.monotonic())
             outcome, found = self.search(self.with_decisions(root, "babsr", False), phase_end)
-            if outcome in ("sat", "unsat") or time.monotonic() > deadline:
-                return (outcome, found) if outcome in ("sat", "unsat") else ("timeout", None)
+            if outcome in ("sat", "unsat"):
+                return outcome, found
+            if time.monotonic() > deadline:
+                return "timeout", None
             self.log("no verdict by BaBSR: the search restarts from the root")
             self.stuck = False
         return self.search(self.with_decisions(root, branching, rebound), deadline)
