@@ -158,6 +158,14 @@ def test_auto_branching_restarts_in_layer_order_after_a_bounded_babsr_phase():
     assert result.status == "sat" and c @ result.counterexample[1] <= m_star + 0.01 + 1e-9
 
 
+def test_a_nan_bound_is_no_proof():
+    """A domain whose bound came out NaN stays open (bound -inf), first in line to be split;
+    ``NaN <= 0`` is False, so a plain comparison would have dropped it as proven."""
+    from verifier.bab.relu_split import _best_margin
+    margins = torch.tensor([[0.5, float("nan")], [-1.0, 2.0], [-3.0, -2.0]])
+    assert _best_margin(margins).tolist() == [-float("inf"), 2.0, -2.0]
+
+
 def test_domain_store_pops_the_lowest_bounds_and_reuses_freed_rows():
     from verifier.bab.domains import Domains, DomainStore, StoreFull
 

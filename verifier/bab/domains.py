@@ -62,7 +62,8 @@ class Domains:
 
 
 class DomainStore:
-    """The open domains of one search: rows of preallocated buffers, a free row's key +inf.
+    """The open domains of one search: rows of preallocated buffers keyed by their bounds (never
+    NaN, below +inf), a free row's key +inf.
 
     ``push`` writes rows into free slots, ``pop(k)`` removes the k domains with the lowest bounds.
     Every domain pushed must have the layout (keys, shapes) of the first. Growing copies the
@@ -73,7 +74,6 @@ class DomainStore:
         self.like, self.memory_share = like, memory_share
         self.buffers = [t.new_empty((capacity, *t.shape[1:])) for t in like.tensors()]
         self.keys = torch.full((capacity,), float("inf"), dtype=like.lower.dtype, device=like.lower.device)
-        self.live = torch.zeros(capacity, dtype=torch.bool, device=like.lower.device)
         self.count = 0
 
     def __len__(self) -> int:
@@ -88,13 +88,12 @@ class DomainStore:
         while capacity < needed:
             capacity *= 2
         old = self.capacity
-        row_bytes = sum(b[:1].numel() * b.element_size() for b in self.buffers) + 9
+        row_bytes = sum(b[:1].numel() * b.element_size() for b in self.buffers) + self.keys.element_size()
         available = available_memory(self.keys.device)
         if available is not None and (capacity - old) * row_bytes > self.memory_share * available:
             raise StoreFull(f"{capacity} domains of {row_bytes} bytes: {available >> 20} MiB available")
         self.buffers = [torch.cat([b, b.new_empty((capacity - old, *b.shape[1:]))]) for b in self.buffers]
         self.keys = torch.cat([self.keys, self.keys.new_full((capacity - old,), float("inf"))])
-        self.live = torch.cat([self.live, self.live.new_zeros(capacity - old)])
 
     def push(self, domains: Domains) -> None:
         n = len(domains)
@@ -102,11 +101,10 @@ class DomainStore:
             return
         if self.count + n > self.capacity:
             self._grow(self.count + n)
-        slots = (~self.live).nonzero().squeeze(1)[:n]
+        slots = torch.isposinf(self.keys).nonzero().squeeze(1)[:n]
         for buffer, t in zip(self.buffers, domains.tensors()):
             buffer[slots] = t
         self.keys[slots] = domains.lower
-        self.live[slots] = True
         self.count += n
 
     def pop(self, k: int) -> Domains:
@@ -115,7 +113,6 @@ class DomainStore:
         slots = torch.topk(self.keys, k, largest=False).indices
         taken = self.like.with_tensors([b[slots] for b in self.buffers])
         self.keys[slots] = float("inf")
-        self.live[slots] = False
         self.count -= k
         return taken
 

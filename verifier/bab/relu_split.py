@@ -199,7 +199,7 @@ class ReluSplitSearch:
                                 device=self.spec.lower.device) for z in self.layout.z_nodes}
         margins, bounds, alphas, betas, record, box = self.bound(signs, reference, {}, betas)
         ids = self.records.new_ids(1, margins.device)
-        lower = margins.amax(1)
+        lower = _best_margin(margins)
         self.records.add(ids, torch.full((1,), -1), torch.zeros(1, dtype=torch.long), lower,
                          self.unstable_counts(bounds), "root", region=self.region)
         self.root_record, self.root_box = record, box
@@ -337,7 +337,7 @@ class ReluSplitSearch:
         margins, bounds, alphas, betas, record, box = self.bound(signs, ref, alphas, betas, recompute_from)
         # a child's region lies inside its parent's, so the parent's bound holds for it too: the
         # store's lowest bound (the progress log's) then never falls
-        lower = torch.maximum(margins.amax(1), torch.cat([parents.lower, parents.lower]))
+        lower = torch.maximum(_best_margin(margins), torch.cat([parents.lower, parents.lower]))
         ids = self.records.new_ids(len(lower), lower.device)
         depth = torch.cat([parents.depth, parents.depth]) + 1
         P = len(parents)
@@ -358,6 +358,13 @@ class ReluSplitSearch:
         children.decision = self.decide(children.bounds, kept_record, children.signs, children.alphas,
                                         children.betas, kept_box)
         return children
+
+
+def _best_margin(margins: Tensor) -> Tensor:
+    """margins (M, R) -> (M,) the domain's bound: the best row, -inf where any row is NaN (no
+    bound; a NaN compared with 0 would otherwise pass for a proof)."""
+    best = margins.amax(1)
+    return torch.where(torch.isnan(best), torch.full_like(best, -float("inf")), best)
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
