@@ -108,7 +108,7 @@ def test_bab_matches_milp_on_tiny_nets(seed, split, rebound, branching):
 
 def test_auto_branching_picks_layer_order_where_a_layer_has_blown_up():
     """``branching="auto"``: the earliest layer first (and re-bounding) where the root's bounds
-    grew from a first layer at most half unstable to a later one almost entirely unstable, BaBSR
+    grew from a first layer at most half unstable to a later one at least 3/4 unstable, BaBSR
     (bounds kept) elsewhere; the earliest-layer rule
     leaves only that layer's neurons."""
     from verifier.bab.relu_split import ReluLayout, choose_branching, earliest_layer_only
@@ -125,6 +125,8 @@ def test_auto_branching_picks_layer_order_where_a_layer_has_blown_up():
     assert choose_branching(BabConfig(branching="auto"), layout, bounds) == ("babsr", False)
     bounds[z1] = Bounds(torch.tensor([[-1.0, 0.5, -1.0, 0.5]]), torch.tensor([[1.0, 1.0, -0.5, 1.0]]))
     bounds[z2] = Bounds(torch.tensor([[-1.0, 0.1, -1.0, -1.0]]), torch.ones(1, 4))   # 3/4 unstable
+    assert choose_branching(BabConfig(branching="auto"), layout, bounds) == ("layer", True)
+    bounds[z2] = Bounds(torch.tensor([[-1.0, 0.1, -1.0, 0.1]]), torch.ones(1, 4))    # 2/4 unstable
     assert choose_branching(BabConfig(branching="auto"), layout, bounds) == ("babsr", False)
     assert choose_branching(BabConfig(branching="fsb"), layout, bounds) == ("fsb", False)
     inf = float("inf")

@@ -83,7 +83,7 @@ def choose_branching(config: BabConfig, layout: ReluLayout, bounds: list[Optiona
     branching = config.branching
     if branching == "auto":
         # blown up: the bounds grew through the network, from a first layer at most half unstable
-        # to a later one almost entirely unstable (on tiny nets over wide boxes every layer is
+        # to a later one mostly unstable (on tiny nets over wide boxes every layer is
         # unstable from the first, and BaBSR is the better there)
         unstable = [float(((bounds[z].lower < 0) & (bounds[z].upper > 0)).float().mean()) for z in layout.z_nodes]
         blown_up = unstable[0] <= 0.5 and max(unstable[1:], default=0.0) >= config.layer_branching_unstable
