@@ -203,8 +203,9 @@ def test_domain_store_pops_the_lowest_bounds_and_reuses_freed_rows():
     assert len(small) == 2
 
 
-def relu_split_just_above_minimum(seed: int, log=lambda s: None) -> VerificationResult:
-    """ReLU splitting (batches of 2) on a 3x16 tiny net, at its exact minimum (MILP) - 0.01."""
+def relu_split_just_above_minimum(seed: int, log=lambda s: None, **bab) -> VerificationResult:
+    """ReLU splitting (batches of 2) on a 3x16 tiny net, at its exact minimum (MILP) - 0.01;
+    ``bab``: further BabConfig fields."""
     net = tiny_net(seed, n_in=3, hidden=(16, 16, 16), n_out=2)
     lower, upper = -np.ones(3), np.ones(3)
     c = np.array([1.0, -1.0])
@@ -212,7 +213,7 @@ def relu_split_just_above_minimum(seed: int, log=lambda s: None) -> Verification
     model = BoundedModel(net, dtype=torch.float64)
     model.graph((3,))
     return verify(model, property_for(c, m_star - 0.01, lower, upper),
-                  VerifyConfig(timeout=60, bab=BabConfig(input_split="off", relu_batch=2)), log=log)
+                  VerifyConfig(timeout=60, bab=BabConfig(input_split="off", relu_batch=2, **bab)), log=log)
 
 
 def test_a_child_keeps_at_least_its_parents_bound():
@@ -322,11 +323,11 @@ def test_leaf_whose_splits_no_input_satisfies_is_proven_empty():
 
 
 def test_leaves_left_by_the_optimisation_are_decided_exactly():
-    """On this net, beta-CROWN's few optimisation steps leave leaves (every ReLU decided) whose
-    bound is not positive though the property holds; before the leaf LP the answer was
-    ``unknown``. Now every leaf is decided, and the answer agrees with the MILP."""
+    """On this net, beta-CROWN's few optimisation steps (no catch-up steps) leave leaves (every
+    ReLU decided) whose bound is not positive though the property holds; before the leaf LP the
+    answer was ``unknown``. Now every leaf is decided, and the answer agrees with the MILP."""
     logs = []
-    result = relu_split_just_above_minimum(4, logs.append)
+    result = relu_split_just_above_minimum(4, logs.append, catch_up_iterations=0)
     assert result.status == "unsat"
     assert sum("unsat by linear programming" in line for line in logs) >= 1
 
@@ -523,3 +524,43 @@ def test_proven_samples_leave_the_optimisation_without_changing_the_others(quant
     for want, got in zip([full[0], *full[1], *full[2], *full[3]],
                          [shrinking[0], *shrinking[1], *shrinking[2], *shrinking[3]]):
         assert torch.allclose(want[open_], got[open_], rtol=0, atol=1e-12)
+
+
+def test_children_below_their_parents_bound_get_more_optimisation_steps():
+    """``catch_up``: a child left below its parent's bound (and unproven) by the first steps gets
+    ``catch_up_iterations`` more; its bound can only rise, stays below every feasible sampled
+    margin, and the children already above their parent's are untouched."""
+    from verifier.bab.records import SubdomainRecords
+    from verifier.bab.relu_split import ReluSplitSearch
+    from verifier.spec import region_specs
+    net = tiny_net(3, n_in=3, hidden=(16, 16, 16), n_out=2)
+    model = BoundedModel(net, dtype=torch.float64)
+    graph = model.graph((3,))
+    lower, upper = -np.ones(3), np.ones(3)
+    c = np.array([1.0, -1.0])
+    spec = region_specs(property_for(c, exact_min(net, c, lower, upper) - 0.01, lower, upper),
+                        graph.input_shape, model.device, model.dtype)[0]
+
+    def children(catch_up_iterations):
+        config = BabConfig(input_split="off", alpha_iterations=1, catch_up_iterations=catch_up_iterations)
+        search = ReluSplitSearch(graph, spec.select(0), lambda x: None, config, SubdomainRecords())
+        root = search.with_decisions(search.root(None), "babsr", False)
+        signs, ref, alphas, betas, _, _ = search.children(root)
+        target = torch.tensor([-1e-6, -float("inf")], dtype=torch.float64)   # child 0 lags, child 1 not
+        margins, *_ = search.bound(signs, ref, alphas, betas, len(graph.nodes), catch_up=target)
+        return signs, margins.amax(1)
+
+    signs, without = children(0)
+    _, caught_up = children(50)
+    assert float(without[0]) < -1e-6, "the first child must lag its target for the test to mean anything"
+    assert caught_up[0] > without[0] + 1e-6
+    assert caught_up[1] == without[1]
+    x = torch.rand(100_000, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
+    with torch.no_grad():
+        values = graph.forward(x, keep=True)
+    for k in range(2):
+        feasible = torch.ones(len(x), dtype=torch.bool)
+        for z, s in signs.items():
+            feasible &= ((values[z] * s[k] >= 0) | (s[k] == 0)).flatten(1).all(1)
+        margins = spec.select(0).margins(values[graph.output][feasible]).amax(1)
+        assert int(feasible.sum()) > 100 and float(margins.min()) >= float(caught_up[k]) - 1e-9

@@ -103,6 +103,9 @@ class ReluSplitSearch:
         self.alpha_config = AlphaConfig(iterations=config.alpha_iterations, lr=config.alpha_lr,
                                         optimize_intermediate=False, early_stop_patience=config.alpha_iterations,
                                         beta_lr=config.beta_lr)
+        self.catch_up_config = AlphaConfig(iterations=config.catch_up_iterations, lr=config.catch_up_lr,
+                                           optimize_intermediate=False,
+                                           early_stop_patience=config.catch_up_iterations, beta_lr=config.beta_lr)
         self.stuck = False
         self.branching, self.rebound = "babsr", False   # set at the root (choose_branching)
         self.deadline: Optional[float] = None
@@ -111,9 +114,14 @@ class ReluSplitSearch:
 
     # ---- bounding ------------------------------------------------------------------------
     def bound(self, signs: dict[int, Tensor], reference: list[Optional[Bounds]], alphas: dict[int, Tensor],
-              betas: dict[int, Tensor], recompute_from: int = 0):
+              betas: dict[int, Tensor], recompute_from: int = 0, catch_up: Optional[Tensor] = None):
         """Bound M subdomains whose splits differ from the reference's from node ``recompute_from``
-        on. Returns margins (M, R), bounds, alphas, betas, record, box."""
+        on. Returns margins (M, R), bounds, alphas, betas, record, box.
+
+        ``catch_up`` (M,): the bound each domain's parent reached. A domain left below it and
+        unproven by the optimisation gets ``config.catch_up_iterations`` more steps: its
+        region lies inside its parent's, so it can do at least as well, and a subtree whose
+        domains stay below their ancestor's bound is otherwise split without end (RESULTS.md)."""
         M = next(iter(signs.values())).shape[0] if signs else 1
         spec = self.spec
         box = Bounds(spec.lower.unsqueeze(0).expand(M, *spec.lower.shape),
@@ -123,19 +131,40 @@ class ReluSplitSearch:
             fixed = SplitState(signs, {z: b.detach() for z, b in betas.items()})
             bounds = crown_bounds(self.graph, box, splits=fixed, reference=reference, recompute_from=recompute_from,
                                   deadline=self.deadline)
-        live_betas = {z: b.detach().clone().requires_grad_(True) for z, b in betas.items()}
-        splits = SplitState(signs, live_betas)
-        out = self.graph.output
-        warm = {(out, r): (a, None) for r, a in alphas.items()}
-        record: dict[int, Tensor] = {}
-        lb, _, _, new_alphas = alpha_crown(self.graph, box, C, self.alpha_config, need_upper=False,
-                                           initial=bounds, splits=splits, warm=warm, record=record,
-                                           deadline=self.deadline, proven_above=spec.rhs)
-        alphas_out = {r: new_alphas[(out, r)][0].detach() for r in self.layout.relus if (out, r) in new_alphas}
+        lb, alphas, betas, record = self.optimise(self.alpha_config, box, C, bounds, signs, alphas, betas)
+        if catch_up is not None and self.config.catch_up_iterations > 0:
+            best = _best_margin(lb - spec.rhs)
+            lagging = ((best < catch_up) & (best <= 0)).nonzero().squeeze(1)
+            if len(lagging):
+                def rows(t: Tensor) -> Tensor:
+                    return t[lagging]
+                more = self.optimise(self.catch_up_config, Bounds(rows(box.lower), rows(box.upper)), rows(C),
+                                     [None if b is None else Bounds(rows(b.lower), rows(b.upper)) for b in bounds],
+                                     {z: rows(t) for z, t in signs.items()}, {r: rows(a) for r, a in alphas.items()},
+                                     {z: rows(b) for z, b in betas.items()})
+                lb[lagging] = torch.maximum(lb[lagging], more[0])
+                for mine, theirs in ((alphas, more[1]), (betas, more[2]), (record, more[3])):
+                    for key, value in theirs.items():
+                        mine.setdefault(key, value.new_zeros(M, *value.shape[1:]))[lagging] = value
         # a domain keeps only the bounds a relaxation reads (ReLU inputs), not the input box or
         # the affine layers' values: most of a domain's memory otherwise
         bounds = [b if i in self.needed else None for i, b in enumerate(bounds)]
-        return lb - spec.rhs, bounds, alphas_out, {z: b.detach() for z, b in live_betas.items()}, record, box
+        return lb - spec.rhs, bounds, alphas, betas, record, box
+
+    def optimise(self, config: AlphaConfig, box: Bounds, C: Tensor, bounds: list[Optional[Bounds]],
+                 signs: dict[int, Tensor], alphas: dict[int, Tensor], betas: dict[int, Tensor]):
+        """The output bound of M domains under fixed intermediate bounds, slopes and split
+        multipliers optimised jointly from ``alphas`` and ``betas``. Returns lb (M, R), the
+        final slopes and multipliers, and the last pass's coefficients (``alpha_crown``)."""
+        live_betas = {z: b.detach().clone().requires_grad_(True) for z, b in betas.items()}
+        out = self.graph.output
+        warm = {(out, r): (a, None) for r, a in alphas.items()}
+        record: dict[int, Tensor] = {}
+        lb, _, _, new_alphas = alpha_crown(self.graph, box, C, config, need_upper=False, initial=bounds,
+                                           splits=SplitState(signs, live_betas), warm=warm, record=record,
+                                           deadline=self.deadline, proven_above=self.spec.rhs)
+        alphas_out = {r: new_alphas[(out, r)][0].detach() for r in self.layout.relus if (out, r) in new_alphas}
+        return lb, alphas_out, {z: b.detach() for z, b in live_betas.items()}, record
 
     def decide(self, bounds, record, signs, alphas, betas, box) -> Tensor:
         """The neuron each domain splits next: (M,) flat index, -1 where none is unstable."""
@@ -273,6 +302,9 @@ class ReluSplitSearch:
                 # a step is the unit the deadline is checked in: keep it short
                 batch = max(1, batch // 2)
                 self.log(f"a step took {took:.1f} s: batch shrinks to {batch}")
+            elif took < self.config.max_step_seconds / 4 and batch < self.config.relu_batch:
+                # and grows back when steps are short again (a busy machine, deeper domains)
+                batch = min(self.config.relu_batch, 2 * batch)
             if time.monotonic() - last_log > 5:
                 last_log = time.monotonic()
                 self.log(f"relu split: {self.records.count} domains bounded, {len(store)} open, "
@@ -334,7 +366,8 @@ class ReluSplitSearch:
         # clamped (SplitState.apply) and intervals propagated from them (crown_bounds' IBP pass)
         recompute_from = self.layout.z_nodes[int(layer.min())] + 1 if self.rebound \
             else len(self.graph.nodes)
-        margins, bounds, alphas, betas, record, box = self.bound(signs, ref, alphas, betas, recompute_from)
+        margins, bounds, alphas, betas, record, box = self.bound(signs, ref, alphas, betas, recompute_from,
+                                                                 catch_up=torch.cat([parents.lower, parents.lower]))
         # a child's region lies inside its parent's, so the parent's bound holds for it too: the
         # store's lowest bound (the progress log's) then never falls
         lower = torch.maximum(_best_margin(margins), torch.cat([parents.lower, parents.lower]))
