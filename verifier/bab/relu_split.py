@@ -145,7 +145,9 @@ class ReluSplitSearch:
                 lb[lagging] = torch.maximum(lb[lagging], more[0])
                 for mine, theirs in ((alphas, more[1]), (betas, more[2]), (record, more[3])):
                     for key, value in theirs.items():
-                        mine.setdefault(key, value.new_zeros(M, *value.shape[1:]))[lagging] = value
+                        if key not in mine:
+                            mine[key] = value.new_zeros(M, *value.shape[1:])
+                        mine[key][lagging] = value
         # a domain keeps only the bounds a relaxation reads (ReLU inputs), not the input box or
         # the affine layers' values: most of a domain's memory otherwise
         bounds = [b if i in self.needed else None for i, b in enumerate(bounds)]
@@ -366,11 +368,12 @@ class ReluSplitSearch:
         # clamped (SplitState.apply) and intervals propagated from them (crown_bounds' IBP pass)
         recompute_from = self.layout.z_nodes[int(layer.min())] + 1 if self.rebound \
             else len(self.graph.nodes)
+        parent_lower = torch.cat([parents.lower, parents.lower])
         margins, bounds, alphas, betas, record, box = self.bound(signs, ref, alphas, betas, recompute_from,
-                                                                 catch_up=torch.cat([parents.lower, parents.lower]))
+                                                                 catch_up=parent_lower)
         # a child's region lies inside its parent's, so the parent's bound holds for it too: the
         # store's lowest bound (the progress log's) then never falls
-        lower = torch.maximum(_best_margin(margins), torch.cat([parents.lower, parents.lower]))
+        lower = torch.maximum(_best_margin(margins), parent_lower)
         ids = self.records.new_ids(len(lower), lower.device)
         depth = torch.cat([parents.depth, parents.depth]) + 1
         P = len(parents)
