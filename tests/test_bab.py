@@ -204,8 +204,8 @@ def test_domain_store_pops_the_lowest_bounds_and_reuses_freed_rows():
 
 
 def relu_split_just_above_minimum(seed: int, log=lambda s: None, **bab) -> VerificationResult:
-    """ReLU splitting (batches of 2) on a 3x16 tiny net, at its exact minimum (MILP) - 0.01;
-    ``bab``: further BabConfig fields."""
+    """ReLU splitting (batches of 2 unless ``bab`` says) on a 3x16 tiny net, at its exact minimum
+    (MILP) - 0.01; ``bab``: further BabConfig fields."""
     net = tiny_net(seed, n_in=3, hidden=(16, 16, 16), n_out=2)
     lower, upper = -np.ones(3), np.ones(3)
     c = np.array([1.0, -1.0])
@@ -213,7 +213,7 @@ def relu_split_just_above_minimum(seed: int, log=lambda s: None, **bab) -> Verif
     model = BoundedModel(net, dtype=torch.float64)
     model.graph((3,))
     return verify(model, property_for(c, m_star - 0.01, lower, upper),
-                  VerifyConfig(timeout=60, bab=BabConfig(input_split="off", relu_batch=2, **bab)), log=log)
+                  VerifyConfig(timeout=60, bab=BabConfig(**{"input_split": "off", "relu_batch": 2, **bab})), log=log)
 
 
 def test_a_child_keeps_at_least_its_parents_bound():
@@ -378,6 +378,73 @@ def test_timeout_is_honoured():
     elapsed = time.monotonic() - start
     assert result.status in ("timeout", "unsat", "sat")
     assert elapsed < 2.0 + 1.0
+
+
+@pytest.mark.parametrize("error", [MemoryError(), RuntimeError("DefaultCPUAllocator: not enough memory: you "
+                                                                 "tried to allocate 8589934592 bytes.")])
+def test_out_of_memory_in_a_relu_split_step_halves_the_batch_and_loses_no_domain(monkeypatch, error):
+    """A step that runs out of memory puts its domains back and the search goes on with half the
+    batch, never growing back to the size that failed: the proof still comes, and every domain
+    of the failed batches is branched later."""
+    from verifier.bab.relu_split import ReluSplitSearch
+    real_step, failed, stepped, sizes = ReluSplitSearch.step, [], set(), []
+
+    def step(self, parents):
+        sizes.append(len(parents))
+        if len(parents) > 2:
+            failed.extend(parents.ids.tolist())
+            raise error
+        stepped.update(parents.ids.tolist())
+        return real_step(self, parents)
+
+    monkeypatch.setattr(ReluSplitSearch, "step", step)
+    messages = []
+    result = relu_split_just_above_minimum(0, log=messages.append, relu_batch=4)
+    assert result.status == "unsat"
+    assert "out of memory: batch shrinks to 2" in messages
+    assert failed and set(failed) <= stepped
+    first_failure = next(k for k, size in enumerate(sizes) if size > 2)
+    assert len(sizes) > first_failure + 3 and max(sizes[first_failure + 1:]) <= 2, \
+        "the batch grew back to the size that did not fit"
+
+
+def test_only_allocation_failures_count_as_out_of_memory():
+    from verifier.runtime import is_out_of_memory
+    assert is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: "
+                                         "can't allocate memory: you tried to allocate 8589934592 bytes."))
+    assert not is_out_of_memory(RuntimeError("view size is not compatible with input tensor's size and "
+                                             "stride (at least one dimension spans across two contiguous "
+                                             "subspaces). Use .reshape(...) instead."))
+    assert not is_out_of_memory(RuntimeError("Expected all tensors to be in the same memory format"))
+    assert not is_out_of_memory(ValueError("out of memory"))
+
+
+def test_out_of_memory_in_input_splitting_halves_the_batch_and_loses_no_box(monkeypatch):
+    """Input splitting keeps boxes in its store until they are bounded: an allocation failure
+    halves the batch, the proof still comes, and every box created is bounded (recorded)."""
+    import verifier.bab.input_split as input_split
+    real_bound_boxes, failures = input_split.bound_boxes, []
+
+    def bound_boxes(graph, spec, lower, upper, *args):
+        if lower.shape[0] > 2:
+            failures.append(lower.shape[0])
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_bound_boxes(graph, spec, lower, upper, *args)
+
+    monkeypatch.setattr(input_split, "bound_boxes", bound_boxes)
+    net = tiny_net(1)
+    lower, upper, c = -np.ones(2), np.ones(2), np.array([1.0, -1.0])
+    model = BoundedModel(net, dtype=torch.float64)
+    model.graph((2,))
+    messages = []
+    prop = property_for(c, exact_min(net, c, lower, upper) - 0.02, lower, upper)
+    result = verify(model, prop, VerifyConfig(timeout=60, bab=BabConfig(input_split="on", input_batch=8)),
+                    log=messages.append)
+    assert result.status == "unsat"
+    assert failures and "out of memory: input batch shrinks to 2" in messages
+    bounded = [i for batch in result.records.batches if batch["kind"] == "input" for i in batch["id"].tolist()]
+    assert len(bounded) > 8 and sorted(bounded) == list(range(result.records.next_id))
 
 
 def test_wall_clock_alarm_ends_a_bounding_step_that_overruns_the_deadline():

@@ -69,3 +69,16 @@ def available_memory(device) -> Optional[int]:
     except OSError:
         pass
     return None
+
+
+_OUT_OF_MEMORY_MESSAGES = ("out of memory", "not enough memory", "can't allocate memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation that failed for want of memory: CUDA's
+    ``OutOfMemoryError``, Python's ``MemoryError``, or the ``RuntimeError`` of torch's CPU
+    allocator ("DefaultCPUAllocator: not enough memory" / "can't allocate memory")."""
+    import torch
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OUT_OF_MEMORY_MESSAGES)

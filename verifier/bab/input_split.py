@@ -23,6 +23,7 @@ from ..bounds.alpha import AlphaConfig, alpha_crown
 from ..bounds.crown import crown_bounds, output_bounds
 from ..graph import BoundGraph
 from ..ops import Bounds
+from ..runtime import is_out_of_memory
 from ..spec import RegionSpec
 from .config import BabConfig
 from .records import SubdomainRecords
@@ -76,6 +77,7 @@ def input_split_search(graph: BoundGraph, spec: RegionSpec, check: Checker, dead
     attacks = WideAttacks(graph, spec, check, config, deadline)
     needed = graph.needs_bounds()
     kept: dict[int, Bounds] = {}   # needed node -> bounds of each open box's parent, (M, *shape)
+    batch = config.input_batch      # halved for good by an out-of-memory error
     while lower.shape[0]:
         if time.monotonic() > deadline:
             return "timeout", None
@@ -83,21 +85,29 @@ def input_split_search(graph: BoundGraph, spec: RegionSpec, check: Checker, dead
         if found is not None:
             return "sat", found
         # depth first in batches: the newest boxes are taken first, which keeps the store small
-        take = min(config.input_batch, lower.shape[0])
+        take = min(batch, lower.shape[0])
         lo, hi = lower[-take:], upper[-take:]
-        b_ids, b_par, b_depth, b_dim = ids[-take:], parents[-take:], depth[-take:], dims[-take:]
-        lower, upper = lower[:-take], upper[:-take]
-        ids, parents, depth, dims = ids[:-take], parents[:-take], depth[:-take], dims[:-take]
         reference = None
         if kept:
             reference = [None] * len(graph.nodes)
             for i, b in kept.items():
                 reference[i] = Bounds(b.lower[-take:], b.upper[-take:])
-            kept = {i: Bounds(b.lower[:-take], b.upper[:-take]) for i, b in kept.items()}
 
         # alpha-CROWN only once the search proves long: on easy instances it costs more than it saves
         alpha_iterations = config.input_alpha_iterations if time.monotonic() - start > config.input_alpha_after else 0
-        margins, A, bounds = bound_boxes(graph, spec, lo, hi, reference, alpha_iterations, config.input_alpha_lr)
+        try:
+            margins, A, bounds = bound_boxes(graph, spec, lo, hi, reference, alpha_iterations, config.input_alpha_lr)
+        except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+            if not is_out_of_memory(exc) or take == 1:
+                raise
+            batch = max(1, take // 2)   # the boxes are still in the store: none is lost
+            log(f"out of memory: input batch shrinks to {batch}")
+            continue
+        # bounded: the boxes leave the store
+        b_ids, b_par, b_depth, b_dim = ids[-take:], parents[-take:], depth[-take:], dims[-take:]
+        lower, upper = lower[:-take], upper[:-take]
+        ids, parents, depth, dims = ids[:-take], parents[:-take], depth[:-take], dims[:-take]
+        kept = {i: Bounds(b.lower[:-take], b.upper[:-take]) for i, b in kept.items()}
         proven = spec.proven(margins)
         worst = spec.worst(margins)
         records.add(b_ids, b_par, b_depth, worst, None, "input", split_index=b_dim, region=region)

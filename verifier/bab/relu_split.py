@@ -20,6 +20,7 @@ from ..bounds.alpha import AlphaConfig, alpha_crown
 from ..bounds.crown import SplitState, crown_bounds, output_bounds
 from ..graph import BoundGraph
 from ..ops import Bounds, ReLU
+from ..runtime import is_out_of_memory
 from ..spec import RegionSpec
 from .config import BabConfig
 from .domains import Domains, DomainStore, StoreFull
@@ -270,7 +271,7 @@ class ReluSplitSearch:
         found = self.admit(store, root)
         if found is not None:
             return "sat", found
-        batch = self.config.relu_batch
+        batch = most = self.config.relu_batch   # most: what the batch may grow back to
         last_log = time.monotonic()
         while True:
             if len(store) == 0:
@@ -284,9 +285,11 @@ class ReluSplitSearch:
             try:
                 result = self.step(parents)
             except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as exc:
-                if not _is_out_of_memory(exc) or batch == 1:
+                if not is_out_of_memory(exc) or batch == 1:
                     raise
-                batch = max(1, batch // 2)
+                # the parents go back to the store: no domain is lost; the batch that did not
+                # fit is not tried again
+                batch = most = max(1, batch // 2)
                 self.log(f"out of memory: batch shrinks to {batch}")
                 store.push(parents)
                 continue
@@ -304,9 +307,9 @@ class ReluSplitSearch:
                 # a step is the unit the deadline is checked in: keep it short
                 batch = max(1, batch // 2)
                 self.log(f"a step took {took:.1f} s: batch shrinks to {batch}")
-            elif took < self.config.max_step_seconds / 4 and batch < self.config.relu_batch:
+            elif took < self.config.max_step_seconds / 4 and batch < most:
                 # and grows back when steps are short again (a busy machine, deeper domains)
-                batch = min(self.config.relu_batch, 2 * batch)
+                batch = min(most, 2 * batch)
             if time.monotonic() - last_log > 5:
                 last_log = time.monotonic()
                 self.log(f"relu split: {self.records.count} domains bounded, {len(store)} open, "
@@ -402,6 +405,3 @@ def _best_margin(margins: Tensor) -> Tensor:
     best = margins.amax(1)
     return torch.where(torch.isnan(best), torch.full_like(best, -float("inf")), best)
 
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or "memory" in str(exc).lower()
