@@ -477,7 +477,7 @@ def _narrow_dip_net() -> nn.Sequential:
 
 def test_wide_attack_finds_a_counterexample_that_few_restarts_miss():
     from verifier.attack import AttackConfig, pgd_search
-    from verifier.bab.input_split import WideAttacks
+    from verifier.bab.attacks import SearchAttacks
     from verifier.spec import region_specs
     from verifier.verify import concrete_evaluator, make_checker
     model = BoundedModel(_narrow_dip_net(), dtype=torch.float64)
@@ -486,11 +486,61 @@ def test_wide_attack_finds_a_counterexample_that_few_restarts_miss():
     spec = region_specs(prop, graph.input_shape, model.device, model.dtype)[0]
     assert pgd_search(graph.forward, spec, AttackConfig(restarts=20)).point is None
     check = make_checker(graph, spec, concrete_evaluator(model))
-    attacks = WideAttacks(graph, spec, check, BabConfig(attack_after=0.0), time.monotonic() + 30)
+    config = BabConfig(attack_after=0.0)
+    attacks = SearchAttacks(graph, spec, check, time.monotonic() + 30, config.attack_restarts,
+                            config.attack_share, config.attack_after)
     found = attacks.maybe_run()
     assert found is not None
     x, y = found
     assert 0.50025 <= float(x[0]) <= 0.50075 and float(y[0]) <= 0
+
+
+def _corner_dip_net(n: int = 20) -> nn.Sequential:
+    """f(x) = 1 - 4 relu(sum(x) - (n - 0.5)) on [0, 1]^n: negative only where sum(x) >= n - 0.25,
+    next to the all-ones corner, and flat (zero gradient) wherever sum(x) < n - 0.5, which is
+    everywhere random points and the centre fall: PGD moves only from a start near that corner."""
+    net = nn.Sequential(nn.Linear(n, 1), nn.ReLU(), nn.Linear(1, 1)).double()
+    with torch.no_grad():
+        net[0].weight.fill_(1.0)
+        net[0].bias.fill_(-(n - 0.5))
+        net[2].weight.fill_(-4.0)
+        net[2].bias.fill_(1.0)
+    return net.eval()
+
+
+def test_search_attacks_start_from_the_most_promising_points_offered():
+    """ReLU splitting offers the minimisers of its domains' linear bounds to its attacks: the
+    ones with the lowest concrete margins are kept, and an attack started from them finds a
+    counterexample that the same attack from the centre and random points misses."""
+    from verifier.bab.attacks import SearchAttacks
+    from verifier.spec import region_specs
+    from verifier.verify import concrete_evaluator, make_checker
+    n = 20
+    model = BoundedModel(_corner_dip_net(n), dtype=torch.float64)
+    graph = model.graph((n,))
+    spec = region_specs(property_for(np.array([1.0]), 0.0, np.zeros(n), np.ones(n)), graph.input_shape,
+                        model.device, model.dtype)[0]
+    check = make_checker(graph, spec, concrete_evaluator(model))
+
+    def attacks(keep: int) -> SearchAttacks:
+        return SearchAttacks(graph, spec, check, time.monotonic() + 30, restarts=64, share=1.0, after=0.0, keep=keep)
+
+    blind = attacks(keep=0)
+    blind.offer(torch.ones(1, n, dtype=torch.float64) * 0.98)
+    assert blind.maybe_run() is None
+    near = torch.ones(3, n, dtype=torch.float64)
+    near[:, 0] = torch.tensor([0.2, 0.6, 0.4], dtype=torch.float64)   # margins 1 (clamped), 0.6, 1
+    far = torch.rand(5, n, dtype=torch.float64)
+    guided = attacks(keep=2)
+    guided.offer(far)
+    guided.offer(near)
+    assert torch.allclose(guided.margins, torch.tensor([0.6, 1.0], dtype=torch.float64))
+    assert float(guided.points[0, 0]) == 0.6
+    found = guided.maybe_run()
+    assert found is not None
+    x, y = found
+    assert x.sum() >= n - 0.25 - 1e-6 and float(y[0]) <= 0
+    assert guided.points is None, "the next attack starts from points offered after this one"
 
 
 def test_input_split_child_bounds_from_parent_reference_contain_samples():

@@ -38,11 +38,14 @@ def pgd_attack(forward: Callable[[Tensor], Tensor], spec: RegionSpec, config: At
 
 
 def pgd_search(forward: Callable[[Tensor], Tensor], spec: RegionSpec, config: AttackConfig = AttackConfig(),
-               deadline: Optional[float] = None) -> AttackOutcome:
+               deadline: Optional[float] = None, starts: Optional[Tensor] = None) -> AttackOutcome:
     """Search the box for a point violating some disjunct. forward: (N, *in) -> (N, *out).
 
     Every (restart, disjunct) pair descends on the disjunct's worst margin (max over its rows);
     the first point at which all rows of a disjunct are <= 0 is returned, with the best margin seen.
+    The restarts begin at the box centre, then at ``starts`` (S, *in) (points inside the box, e.g.
+    promising points of a branch-and-bound search; as many as the restarts leave room for),
+    then at random points.
     """
     lo, hi = spec.lower.unsqueeze(0), spec.upper.unsqueeze(0)
     K = spec.n_disjuncts
@@ -50,6 +53,9 @@ def pgd_search(forward: Callable[[Tensor], Tensor], spec: RegionSpec, config: At
     n = config.restarts * K
     x = lo + (hi - lo) * torch.rand((n, *lo.shape[1:]), generator=gen, dtype=lo.dtype).to(lo.device)
     x[:K] = ((lo + hi) / 2).expand(K, *lo.shape[1:])  # the centre is a good first guess
+    if starts is not None and n > K:
+        starts = starts[:n - K].to(x)
+        x[K:K + len(starts)] = torch.minimum(torch.maximum(starts, lo), hi)
     target = torch.arange(K, device=lo.device).repeat(config.restarts)            # (n,)
     row_mask = spec.disjunct.unsqueeze(0) == target.unsqueeze(1)                 # (n, R)
     width = hi - lo

@@ -18,18 +18,16 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from ..attack import AttackConfig, pgd_search
 from ..bounds.alpha import AlphaConfig, alpha_crown
 from ..bounds.crown import crown_bounds, output_bounds
 from ..graph import BoundGraph
 from ..ops import Bounds
 from ..runtime import is_out_of_memory
 from ..spec import RegionSpec
+from .attacks import Checker, SearchAttacks
 from .config import BabConfig
 from .records import SubdomainRecords
 
-# check(points (M, *in)) -> a confirmed counterexample (x32, y), or None
-Checker = Callable[[Tensor], Optional[tuple]]
 
 
 def bound_boxes(graph: BoundGraph, spec: RegionSpec, lower: Tensor, upper: Tensor,
@@ -74,7 +72,8 @@ def input_split_search(graph: BoundGraph, spec: RegionSpec, check: Checker, dead
     dims = torch.full((1,), -1, device=device)
     steps, last_log = 0, time.monotonic()
     start = last_log
-    attacks = WideAttacks(graph, spec, check, config, deadline)
+    attacks = SearchAttacks(graph, spec, check, deadline, config.attack_restarts, config.attack_share,
+                            config.attack_after, log=log)
     needed = graph.needs_bounds()
     kept: dict[int, Bounds] = {}   # needed node -> bounds of each open box's parent, (M, *shape)
     batch = config.input_batch      # halved for good by an out-of-memory error
@@ -154,39 +153,3 @@ def input_split_search(graph: BoundGraph, spec: RegionSpec, check: Checker, dead
             last_log = time.monotonic()
             log(f"input split: {records.count} boxes bounded, {lower.shape[0]} open")
     return "unsat", None
-
-
-class WideAttacks:
-    """PGD with many random restarts over the whole box, interleaved with the splitting. For a
-    network with few inputs thousands of restarts cost about as much as one batch of boxes, and
-    they find counterexamples that hide in regions too small for the first attack (ACAS Xu 1_9
-    prop_7: none in 5000 restarts, found with 50000 in about a second). Each attack is 4x wider
-    than the last and starts only when at most ``attack_share`` of the time so far went to them
-    (the first after ``attack_after`` seconds: most instances are decided before). An attack may
-    run for at most ``attack_share`` of the time so far, so a 4x wider one cannot take the budget
-    of an instance that needs splitting (before this limit, ACAS Xu 3_3 prop_2 spent 10.6 s of a
-    40 s run in attacks against a share of 10 %); one stopped by that limit is not widened."""
-
-    def __init__(self, graph: BoundGraph, spec: RegionSpec, check: Checker, config: BabConfig, deadline: float):
-        self.graph, self.spec, self.check, self.config, self.deadline = graph, spec, check, config, deadline
-        self.start = time.monotonic()
-        self.spent = config.attack_share * config.attack_after   # as if spent: the first waits
-        self.restarts = config.attack_restarts
-        self.seed = 1
-
-    def maybe_run(self) -> Optional[tuple]:
-        now = time.monotonic()
-        budget = self.config.attack_share * (now - self.start)
-        if self.restarts <= 0 or self.spent > budget:
-            return None
-        attack = AttackConfig(restarts=self.restarts, steps=100, seed=self.seed)
-        with torch.enable_grad():
-            outcome = pgd_search(self.graph.forward, self.spec, attack, min(self.deadline, now + budget))
-        took = time.monotonic() - now
-        self.spent += took
-        if took < budget:
-            self.restarts *= 4
-        self.seed += 1
-        if outcome.point is None:
-            return None
-        return self.check(outcome.point.unsqueeze(0))

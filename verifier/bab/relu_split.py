@@ -22,6 +22,7 @@ from ..graph import BoundGraph
 from ..ops import Bounds, ReLU
 from ..runtime import is_out_of_memory
 from ..spec import RegionSpec
+from .attacks import SearchAttacks
 from .config import BabConfig
 from .domains import Domains, DomainStore, StoreFull
 from .leaf import settle_leaf
@@ -110,6 +111,7 @@ class ReluSplitSearch:
         self.stuck = False
         self.branching, self.rebound = "babsr", False   # set at the root (choose_branching)
         self.deadline: Optional[float] = None
+        self.attacks: Optional[SearchAttacks] = None   # set by run (it needs the deadline)
         self.root_record: dict[int, Tensor] = {}   # the root's coefficients and box, for its decisions
         self.root_box: Optional[Bounds] = None
 
@@ -212,14 +214,18 @@ class ReluSplitSearch:
         return top.gather(1, worse_child.argmax(1, keepdim=True)).squeeze(1)
 
     def counterexample(self, box: Bounds, margins: Tensor, record: dict[int, Tensor]) -> Optional[tuple]:
-        """Try the minimiser of each domain's worst linear lower bound."""
+        """Try the minimiser of each domain's worst linear lower bound; where none is a
+        counterexample, offer them to the attacks as starting points."""
         A = record.get(0)
         if A is None:
             return None
         worst_row = margins.argmin(1)
         A_worst = A[torch.arange(A.shape[0], device=A.device), worst_row]
         corner = torch.where(A_worst > 0, box.lower, box.upper)
-        return self.check(corner)
+        found = self.check(corner)
+        if found is None and self.attacks is not None:
+            self.attacks.offer(corner)
+        return found
 
     # ---- the search ----------------------------------------------------------------------
     def root(self, reference: Optional[list[Optional[Bounds]]]) -> Domains:
@@ -249,6 +255,9 @@ class ReluSplitSearch:
         if not self.layout.relus:
             return "unknown", None
         self.deadline = deadline
+        self.attacks = SearchAttacks(self.graph, self.spec, self.check, deadline, self.config.relu_attack_restarts,
+                                     self.config.attack_share, self.config.attack_after,
+                                     keep=self.config.relu_attack_starts, log=self.log)
         root = self.root(reference)
         branching, rebound = choose_branching(self.config, self.layout, root.bounds)
         if self.config.branching == "auto" and branching == "layer":
@@ -280,6 +289,9 @@ class ReluSplitSearch:
                 return "timeout", None
             if len(store) > self.config.max_domains:
                 return "unknown", None
+            found = self.attacks.maybe_run() if self.attacks is not None else None
+            if found is not None:
+                return "sat", found
             parents = store.pop(batch)
             started = time.monotonic()
             try:
