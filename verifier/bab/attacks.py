@@ -52,7 +52,7 @@ class SearchAttacks:
     def offer(self, points: Tensor) -> None:
         """Candidate starts (M, *in) inside the box; the ``keep`` with the lowest concrete
         worst-disjunct margins (with those kept so far) are kept."""
-        if self.keep <= 0 or not len(points):
+        if self.keep <= 0 or self.restarts <= 0 or not len(points):
             return
         with torch.no_grad():
             margins = self.spec.worst(self.spec.margins(self.graph.forward(points)))
