@@ -168,15 +168,20 @@ def test_a_nan_bound_is_no_proof():
     assert _best_margin(margins).tolist() == [-float("inf"), 2.0, -2.0]
 
 
-def test_domain_store_pops_the_lowest_bounds_and_reuses_freed_rows():
-    from verifier.bab.domains import Domains, DomainStore, StoreFull
+def domains(lower: list[float], first_id: int):
+    """Synthetic ReLU-split domains with bounds ``lower`` and ids from ``first_id``; every field
+    of a row carries its id, so rows can be traced through the store."""
+    from verifier.bab.domains import Domains
+    n = len(lower)
+    ids = torch.arange(first_id, first_id + n)
+    return Domains({3: ids.double().view(n, 1).repeat(1, 2)},
+                   [None, Bounds(-ids.double().view(n, 1), ids.double().view(n, 1))],
+                   {4: torch.zeros(n, 2, 1)}, {3: torch.ones(n, 1, 2)}, torch.tensor(lower, dtype=torch.float64),
+                   ids.clone(), torch.zeros(n, dtype=torch.long), ids)
 
-    def domains(lower: list[float], first_id: int) -> Domains:
-        n = len(lower)
-        ids = torch.arange(first_id, first_id + n)
-        return Domains({3: ids.double().view(n, 1).repeat(1, 2)}, [None, Bounds(-ids.double().view(n, 1), ids.double().view(n, 1))],
-                       {4: torch.zeros(n, 2, 1)}, {3: torch.ones(n, 1, 2)}, torch.tensor(lower, dtype=torch.float64),
-                       ids.clone(), torch.zeros(n, dtype=torch.long), ids)
+
+def test_domain_store_pops_the_lowest_bounds_and_reuses_freed_rows():
+    from verifier.bab.domains import DomainStore, StoreFull
 
     rng = np.random.default_rng(0)
     lowers = rng.normal(size=300).tolist()
@@ -201,6 +206,22 @@ def test_domain_store_pops_the_lowest_bounds_and_reuses_freed_rows():
     with pytest.raises(StoreFull):
         small.push(domains([2.0], 2))
     assert len(small) == 2
+
+
+def test_domain_store_counts_its_whole_new_buffers_against_the_memory_budget(monkeypatch):
+    """Growing copies the old rows into new buffers twice as large, so for a moment both are
+    held: the budget must cover the new buffers whole, not only the rows they add."""
+    import verifier.bab.domains as domains_module
+    from verifier.bab.domains import DomainStore, StoreFull
+    like = domains([0.0], 0)
+    row_bytes = sum(t[:1].numel() * t.element_size() for t in like.tensors()) + like.lower.element_size()
+    monkeypatch.setattr(domains_module, "available_memory", lambda device: 12 * row_bytes)
+    store = DomainStore(like, capacity=2, memory_share=0.5)    # budget: 6 rows of new buffers
+    store.push(domains([0.0, 1.0, 2.0, 3.0], 0))                 # 2 -> 4 rows: 4 <= 6
+    assert store.capacity == 4
+    with pytest.raises(StoreFull):                               # 4 -> 8 rows: 8 > 6 (adds only 4)
+        store.push(domains([4.0], 4))
+    assert len(store) == 4 and store.capacity == 4
 
 
 def relu_split_just_above_minimum(seed: int, log=lambda s: None, **bab) -> VerificationResult:
@@ -541,6 +562,27 @@ def test_search_attacks_start_from_the_most_promising_points_offered():
     x, y = found
     assert x.sum() >= n - 0.25 - 1e-6 and float(y[0]) <= 0
     assert guided.points is None, "the next attack starts from points offered after this one"
+
+
+@pytest.mark.parametrize("memory_points, widened", [(10 ** 9, True), (100, False)])
+def test_search_attacks_widen_only_within_their_memory_share(monkeypatch, memory_points, widened):
+    """An attack that finished within its time budget is widened 4x only if the wider one fits in
+    its share of the available memory."""
+    import verifier.bab.attacks as attacks_module
+    from verifier.bab.attacks import SearchAttacks
+    from verifier.spec import region_specs
+    n = 20
+    model = BoundedModel(_corner_dip_net(n), dtype=torch.float64)
+    graph = model.graph((n,))
+    spec = region_specs(property_for(np.array([1.0]), 0.0, np.zeros(n), np.ones(n)), graph.input_shape,
+                        model.device, model.dtype)[0]
+    point_bytes = 3 * sum(node.numel for node in graph.nodes) * 8
+    monkeypatch.setattr(attacks_module, "available_memory", lambda device: memory_points * point_bytes)
+    attacks = SearchAttacks(graph, spec, lambda points: None, time.monotonic() + 30, restarts=64, share=1.0,
+                            after=0.0, memory_share=1.0)
+    time.sleep(0.5)                                             # a budget of about 0.5 s
+    assert attacks.maybe_run() is None
+    assert attacks.restarts == (256 if widened else 64)
 
 
 def test_input_split_child_bounds_from_parent_reference_contain_samples():

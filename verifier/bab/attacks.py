@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ..attack import AttackConfig, pgd_search
 from ..graph import BoundGraph
+from ..runtime import available_memory
 from ..spec import RegionSpec
 
 # check(points (M, *in)) -> a confirmed counterexample (x32, y), or None
@@ -36,13 +37,16 @@ class SearchAttacks:
     after ``after`` seconds: most instances are decided before) and may run for at most ``share``
     of the time so far, so a wider one cannot take the budget of an instance that needs the
     search (before this limit, ACAS Xu 3_3 prop_2 spent 10.6 s of a 40 s run in attacks against
-    a share of 10 %); one stopped by that limit is not widened."""
+    a share of 10 %); one stopped by that limit is not widened. Nor is one whose next width would
+    need more than ``memory_share`` of the memory available (every restart keeps each node's
+    values for the backward pass: a 65 536-restart attack on a CIFAR network needs gigabytes)."""
 
     def __init__(self, graph: BoundGraph, spec: RegionSpec, check: Checker, deadline: float, restarts: int,
-                 share: float, after: float, keep: int = 0, log: Callable[[str], None] = lambda s: None):
+                 share: float, after: float, keep: int = 0, log: Callable[[str], None] = lambda s: None,
+                 memory_share: float = 0.25):
         """``keep``: how many offered points the next attack starts from (0: none are kept)."""
         self.graph, self.spec, self.check, self.deadline, self.log = graph, spec, check, deadline, log
-        self.restarts, self.share, self.keep = restarts, share, keep
+        self.restarts, self.share, self.keep, self.memory_share = restarts, share, keep, memory_share
         self.start = time.monotonic()
         self.spent = share * after          # as if spent: the first attack waits
         self.seed = 1
@@ -61,6 +65,15 @@ class SearchAttacks:
         order = margins.argsort()[:self.keep]
         self.points, self.margins = points[order].detach(), margins[order]
 
+    def fits(self, restarts: int) -> bool:
+        """Whether an attack with ``restarts`` restarts per disjunct fits in ``memory_share`` of the
+        available memory: per point, every node's values, saved inputs and gradients (an estimate)."""
+        available = available_memory(self.spec.lower.device)
+        if available is None:
+            return True
+        per_point = 3 * sum(node.numel for node in self.graph.nodes) * self.spec.lower.element_size()
+        return restarts * self.spec.n_disjuncts * per_point <= self.memory_share * available
+
     def maybe_run(self) -> Optional[tuple]:
         """An attack if its turn has come: a confirmed counterexample, or None."""
         now = time.monotonic()
@@ -76,7 +89,7 @@ class SearchAttacks:
         self.log(f"attack: {self.restarts} restarts, {0 if self.points is None else len(self.points)} from the "
                  f"search, {took:.2f} s, lowest margin {lowest:.4g}")
         self.spent += took
-        if took < budget:
+        if took < budget and self.fits(4 * self.restarts):
             self.restarts *= 4
         self.seed += 1
         self.points = self.margins = None   # the next attack starts from points offered after this one
