@@ -13,33 +13,21 @@ import argparse
 import statistics
 from pathlib import Path
 
-import torch
-
-from verifier import BoundedModel
 from verifier.bab.config import BabConfig
-from verifier.io.vnnlib import load_vnnlib
 from verifier.verify import VerifyConfig, verify
+
+from .instances import add_pair_arguments, load_pairs
 
 HEURISTICS = ("babsr", "fsb")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.branching_ab", description=__doc__.split("\n\n")[0])
-    p.add_argument("instances", nargs="+", help="ONNX:VNNLIB pairs, relative to --root")
-    p.add_argument("--root", default=".", help="folder the instance paths are relative to")
-    p.add_argument("--timeout", type=float, default=150.0)
-    p.add_argument("--threads", type=int, default=1)
+    add_pair_arguments(p)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    root = Path(args.root)
     solved = {h: [] for h in HEURISTICS}
     print(f"{'instance':48} {'heuristic':9} {'verdict':8} {'seconds':>8} {'subdomains':>10}", flush=True)
-    for pair in args.instances:
-        onnx, vnnlib = pair.split(":")
-        model = BoundedModel(str(root / onnx))
-        graph = model.graph()
-        prop = load_vnnlib(str(root / vnnlib), n_inputs=graph.nodes[0].numel,
-                           n_outputs=graph.nodes[graph.output].numel)
+    for onnx, vnnlib, model, prop in load_pairs(args):
         for h in HEURISTICS:
             config = VerifyConfig(timeout=args.timeout, bab=BabConfig(branching=h, input_split="off"))
             result = verify(model, prop, config)

@@ -83,3 +83,29 @@ def read_reference(path: str | os.PathLike) -> dict[tuple[str, str, str], str]:
         for row in csv.DictReader(f):
             reference[(row["benchmark"], row["onnx"], row["vnnlib"])] = row["answer"].strip()
     return reference
+
+
+def add_pair_arguments(parser, timeout: float = 150.0) -> None:
+    """The arguments of the in-process comparisons (``branching_ab``, ``search_costs``): instances
+    as ONNX:VNNLIB pairs relative to ``--root``, ``--timeout`` per verification, ``--threads``."""
+    parser.add_argument("instances", nargs="+", help="ONNX:VNNLIB pairs, relative to --root")
+    parser.add_argument("--root", default=".", help="folder the instance paths are relative to")
+    parser.add_argument("--timeout", type=float, default=timeout)
+    parser.add_argument("--threads", type=int, default=1)
+
+
+def load_pairs(args):
+    """Sets torch's threads to ``args.threads``, then yields, per pair of ``args.instances``:
+    (onnx, vnnlib, BoundedModel, Property), the model loaded once for all of its runs."""
+    import torch
+    from verifier import BoundedModel
+    from verifier.io.vnnlib import load_vnnlib
+    torch.set_num_threads(args.threads)
+    root = Path(args.root)
+    for pair in args.instances:
+        onnx, vnnlib = pair.split(":")
+        model = BoundedModel(str(root / onnx))
+        graph = model.graph()
+        prop = load_vnnlib(str(root / vnnlib), n_inputs=graph.nodes[0].numel,
+                           n_outputs=graph.nodes[graph.output].numel)
+        yield onnx, vnnlib, model, prop

@@ -16,14 +16,11 @@ import argparse
 import cProfile
 import pstats
 import time
-from pathlib import Path
 
-import torch
-
-from verifier import BoundedModel
 from verifier.bab.config import BabConfig
-from verifier.io.vnnlib import load_vnnlib
 from verifier.verify import VerifyConfig, verify
+
+from .instances import add_pair_arguments, load_pairs
 
 RECORD_FUNCTIONS = (("records.py", "add"), ("records.py", "new_ids"), ("relu_split.py", "unstable_counts"))
 ATTACK_FUNCTIONS = (("attacks.py", "maybe_run"), ("attacks.py", "offer"))
@@ -37,21 +34,11 @@ def cumulative(stats: pstats.Stats, functions) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.search_costs", description=__doc__.split("\n\n")[0])
-    p.add_argument("instances", nargs="+", help="ONNX:VNNLIB pairs, relative to --root")
-    p.add_argument("--root", default=".", help="folder the instance paths are relative to")
-    p.add_argument("--timeout", type=float, default=150.0)
-    p.add_argument("--threads", type=int, default=1)
+    add_pair_arguments(p)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    root = Path(args.root)
     print(f"{'instance':44} {'attacks':7} {'verdict':8} {'seconds':>8} {'subdomains':>10} "
           f"{'records s':>9} {'%':>5} {'attacks s':>9} {'%':>5}", flush=True)
-    for pair in args.instances:
-        onnx, vnnlib = pair.split(":")
-        model = BoundedModel(str(root / onnx))
-        graph = model.graph()
-        prop = load_vnnlib(str(root / vnnlib), n_inputs=graph.nodes[0].numel,
-                           n_outputs=graph.nodes[graph.output].numel)
+    for onnx, vnnlib, model, prop in load_pairs(args):
         for attacks in (False, True):
             bab = BabConfig() if attacks else BabConfig(attack_restarts=0, relu_attack_restarts=0)
             profile = cProfile.Profile()
