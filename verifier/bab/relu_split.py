@@ -256,7 +256,7 @@ class ReluSplitSearch:
             return "unknown", None
         self.deadline = deadline
         self.attacks = SearchAttacks(self.graph, self.spec, self.check, deadline, self.config.relu_attack_restarts,
-                                     self.config.attack_share, self.config.attack_after,
+                                     self.config.relu_attack_share, self.config.attack_after,
                                      keep=self.config.relu_attack_starts, log=self.log)
         root = self.root(reference)
         branching, rebound = choose_branching(self.config, self.layout, root.bounds)
