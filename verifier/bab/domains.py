@@ -67,9 +67,9 @@ class DomainStore:
 
     ``push`` writes rows into free slots, ``pop(k)`` removes the k domains with the lowest bounds.
     Every domain pushed must have the layout (keys, shapes) of the first. Growing copies the
-    buffers into ones twice as large; where the new buffers would take more than
-    ``memory_share`` of the device's available memory, ``push`` raises ``StoreFull`` instead.
-    The new buffers are counted whole: the copy holds the old and the new ones at once, and the
+    buffers into ones twice as large, or as large as fits in ``memory_share`` of the device's
+    available memory; where even the rows needed do not fit, ``push`` raises ``StoreFull``. The
+    new buffers are counted whole: the copy holds the old and the new ones at once, and the
     search's steps need memory beside the store."""
 
     def __init__(self, like: Domains, capacity: int = 1024, memory_share: float = 0.5):
@@ -92,8 +92,11 @@ class DomainStore:
         old = self.capacity
         row_bytes = sum(b[:1].numel() * b.element_size() for b in self.buffers) + self.keys.element_size()
         available = available_memory(self.keys.device)
-        if available is not None and capacity * row_bytes > self.memory_share * available:
-            raise StoreFull(f"{capacity} domains of {row_bytes} bytes: {available >> 20} MiB available")
+        if available is not None:
+            fits = int(self.memory_share * available) // row_bytes
+            if fits < needed:
+                raise StoreFull(f"{needed} domains of {row_bytes} bytes: {available >> 20} MiB available")
+            capacity = min(capacity, fits)
         self.buffers = [torch.cat([b, b.new_empty((capacity - old, *b.shape[1:]))]) for b in self.buffers]
         self.keys = torch.cat([self.keys, self.keys.new_full((capacity - old,), float("inf"))])
 
