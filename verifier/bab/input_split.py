@@ -29,7 +29,6 @@ from .config import BabConfig
 from .records import SubdomainRecords
 
 
-
 def bound_boxes(graph: BoundGraph, spec: RegionSpec, lower: Tensor, upper: Tensor,
                 reference: Optional[list[Optional[Bounds]]] = None, alpha_iterations: int = 0,
                 alpha_lr: float = 0.5):
