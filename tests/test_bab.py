@@ -387,6 +387,52 @@ def test_beta_crown_bounds_contain_points_satisfying_splits():
         assert torch.all(values[z][feasible] <= bounds[z].upper + 1e-9)
 
 
+def test_split_domains_bounded_on_their_own_unstable_neurons_equal_each_bounded_alone(monkeypatch):
+    """Re-bounding a batch of split subdomains (the layer order's intermediate bounds) uses each
+    domain's own unstable neurons: the bounds must equal each domain bounded alone, and contain
+    every sampled point that satisfies the domain's splits."""
+    import verifier.bounds.crown as crown
+    net = tiny_net(5, n_in=3, hidden=(24, 24, 24), n_out=3)
+    model = BoundedModel(net, dtype=torch.float64)
+    graph = model.graph((3,))
+    z_nodes = [graph.nodes[r].inputs[0] for r in graph.relu_nodes()]
+    gen = torch.Generator().manual_seed(3)
+    N = 16
+    # boxes from tiny to wide around random centres, and splits that each box's centre satisfies
+    center = torch.rand(N, 3, generator=gen, dtype=torch.float64) * 2 - 1
+    radius = torch.logspace(-2, 0, N, dtype=torch.float64).unsqueeze(1)
+    box = Bounds(center - radius, center + radius)
+    at_center = graph.forward(center, keep=True)
+    signs = {z: torch.sign(at_center[z]) * (torch.rand(N, *graph.nodes[z].shape, generator=gen) < 0.3)
+             for z in z_nodes}
+    betas = {z: torch.rand(N, 1, *graph.nodes[z].shape, generator=gen, dtype=torch.float64) for z in z_nodes}
+    calls = []
+    grouped = crown._crown_per_sample_rows
+    monkeypatch.setattr(crown, "_crown_per_sample_rows", lambda *a: calls.append(grouped(*a)) or calls[-1])
+    bounds = crown_bounds(graph, box, splits=SplitState(signs, betas))
+    assert any(c is not None for c in calls), "the per-domain path was not taken"
+    for n in range(N):
+        alone = crown_bounds(graph, Bounds(box.lower[n:n + 1], box.upper[n:n + 1]),
+                             splits=SplitState({z: s[n:n + 1] for z, s in signs.items()},
+                                               {z: b[n:n + 1] for z, b in betas.items()}))
+        for z in z_nodes:
+            torch.testing.assert_close(bounds[z].lower[n:n + 1], alone[z].lower, rtol=1e-9, atol=1e-9)
+            torch.testing.assert_close(bounds[z].upper[n:n + 1], alone[z].upper, rtol=1e-9, atol=1e-9)
+    u = torch.rand(N, 20_000, 3, generator=gen, dtype=torch.float64)
+    x = box.lower.unsqueeze(1) + u * (box.upper - box.lower).unsqueeze(1)
+    values = graph.forward(x.flatten(0, 1), keep=True)
+    feasible = torch.ones(N, x.shape[1], dtype=torch.bool)
+    for z in z_nodes:
+        s = signs[z].unsqueeze(1)
+        v = values[z].view(N, x.shape[1], -1)
+        feasible &= ((v * s >= 0) | (s == 0)).all(2)
+    assert int(feasible.sum(1).min()) > 0
+    for z in z_nodes:
+        v = values[z].view(N, x.shape[1], -1)
+        inside = (v >= bounds[z].lower.unsqueeze(1) - 1e-9) & (v <= bounds[z].upper.unsqueeze(1) + 1e-9)
+        assert bool(inside.all(2)[feasible].all())
+
+
 def test_timeout_is_honoured():
     net = tiny_net(3, n_in=6, hidden=(64, 64, 64), n_out=2)
     model = BoundedModel(net, dtype=torch.float64)

@@ -208,16 +208,18 @@ def unstable_rows(graph: BoundGraph, node: int, b: Bounds) -> Tensor:
 _GROUP_ROWS = 1 << 16
 
 
-def _crown_per_sample_rows(graph: BoundGraph, node: int, b: Bounds,
-                           bounds: list[Optional[Bounds]]) -> Optional[Bounds]:
+def _crown_per_sample_rows(graph: BoundGraph, node: int, b: Bounds, bounds: list[Optional[Bounds]],
+                           splits: Optional[SplitState] = None) -> Optional[Bounds]:
     """CROWN on each sample's own unstable neurons of a ReLU input ``node`` rather than on every
-    neuron unstable in some sample: a large batch of boxes has nearly every neuron unstable in
-    one of them, while each box has few. Samples are sorted by their number of unstable neurons
-    and bounded in groups of similar counts, each sample with its own rows (padded to the
-    group's largest count; padding results are discarded), so a box's bounds do not depend on
-    the other boxes of the batch.
-    b: (N, *shape) current bounds; returns them tightened, or None when this would not save
-    work over shared rows (then the caller bounds those)."""
+    neuron unstable in some sample: a large batch of boxes (or of branch-and-bound subdomains)
+    has nearly every neuron unstable in one of them, while each has fewer. Samples are sorted by
+    their number of unstable neurons and bounded in groups of similar counts, each sample with
+    its own rows (padded to the group's largest count; padding results are discarded), so a
+    sample's bounds do not depend on the other samples of the batch.
+    b: (N, *shape) current bounds; ``splits``: the samples' split decisions and multipliers
+    (``SplitState``; betas (N, 1, *shape), shared by every row). Returns the bounds tightened
+    (before ``splits.apply``), or None when this would not save work over shared rows (then the
+    caller bounds those)."""
     consumers = [graph.nodes[c].op for c in graph.consumers[node] if graph.nodes[c].op.nonlinear]
     N = b.lower.shape[0]
     if N == 1 or not consumers or not all(isinstance(op, ReLU) for op in consumers):
@@ -248,7 +250,10 @@ def _crown_per_sample_rows(graph: BoundGraph, node: int, b: Bounds,
         for j in ancestors:
             if bounds[j] is not None:
                 gathered[j] = Bounds(bounds[j].lower[group], bounds[j].upper[group])
-        lb, ub = backward_bound(graph, node, None, None, gathered, gathered[0], start_rows=rows)
+        group_splits = None if splits is None else SplitState(
+            {z: t[group] for z, t in splits.signs.items()}, {z: t[group] for z, t in splits.betas.items()})
+        lb, ub = backward_bound(graph, node, None, None, gathered, gathered[0], splits=group_splits,
+                                start_rows=rows)
         at = (group.unsqueeze(1), rows)
         flat_l[at] = torch.where(valid, torch.maximum(flat_l[at], lb), flat_l[at])
         flat_u[at] = torch.where(valid, torch.minimum(flat_u[at], ub), flat_u[at])
@@ -287,8 +292,8 @@ def crown_bounds(graph: BoundGraph, box: Bounds, alphas: Optional[Alphas] = None
             late = deadline is not None and time.monotonic() > deadline
             if method == "crown" and not keep_reference and not late:
                 per_sample = None
-                if rows is None and alphas is None and (splits is None or not splits.betas):
-                    per_sample = _crown_per_sample_rows(graph, i, b, bounds)
+                if rows is None and alphas is None:
+                    per_sample = _crown_per_sample_rows(graph, i, b, bounds, splits)
                 if per_sample is not None:
                     b = per_sample if splits is None else splits.apply(i, per_sample)
                     bounds.append(b)
