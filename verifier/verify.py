@@ -18,7 +18,7 @@ from .bab.config import BabConfig
 from .bab.input_split import input_split_search
 from .bab.records import RootRecord, SubdomainRecords
 from .bab.relu_split import ReluSplitSearch
-from .bounds.alpha import AlphaConfig, alpha_crown
+from .bounds.alpha import AlphaConfig, alpha_crown, intermediate_slopes
 from .bounds.crown import crown_bounds, output_bounds
 from .bounds.ibp import ibp_bounds
 from .io.vnnlib import Property
@@ -71,7 +71,8 @@ def region_lower_margins(model: BoundedModel, spec: RegionSpec, config: VerifyCo
     """Sound lower bounds (1, R) of the margins C y - rhs over the region's box, and the
     intermediate bounds behind them: CROWN first, then alpha-CROWN where CROWN does not prove it
     (``alpha`` None), always (True) or never (False). ``root`` receives the worst-disjunct bound
-    of each method run."""
+    of each method run. Returns margins, bounds and the slopes alpha-CROWN optimised for the
+    intermediate bounds (``IntermediateSlopes``; None where it did not run)."""
     graph = model.graph()
     box = Bounds(spec.lower.unsqueeze(0), spec.upper.unsqueeze(0))
     C = spec.C.unsqueeze(0)
@@ -84,12 +85,14 @@ def region_lower_margins(model: BoundedModel, spec: RegionSpec, config: VerifyCo
     if not graph.relu_nodes() or alpha is False or (spec.proven(margins).all() and alpha is None):
         if root is not None and not graph.relu_nodes():   # no relaxation to optimise: alpha = CROWN
             root.alpha, root.unstable["alpha"] = root.crown, []
-        return margins, bounds
-    lb, _, bounds, _ = alpha_crown(graph, box, C, config.alpha, need_upper=False, initial=bounds, deadline=deadline)
+        return margins, bounds, None
+    crown = bounds
+    lb, _, bounds, alphas = alpha_crown(graph, box, C, config.alpha, need_upper=False, initial=crown,
+                                        deadline=deadline)
     margins = torch.maximum(margins, lb - spec.rhs)
     if root is not None:
         root.alpha, root.unstable["alpha"] = float(spec.worst(margins)[0]), unstable_per_layer(graph, bounds)
-    return margins, bounds
+    return margins, bounds, intermediate_slopes(graph, alphas, crown)
 
 
 def complete_root_records(model: BoundedModel, prop: Property, records: SubdomainRecords,
@@ -161,13 +164,13 @@ def verify(model: BoundedModel, prop: Property, config: VerifyConfig = VerifyCon
     root_alpha = False if use_input_split else None
     roots = []
     for i, spec in enumerate(specs):
-        margins, bounds = region_lower_margins(model, spec, config, alpha=root_alpha, root=records.root(i),
-                                               deadline=deadline)
-        roots.append((margins, bounds))
+        margins, bounds, slopes = region_lower_margins(model, spec, config, alpha=root_alpha, root=records.root(i),
+                                                       deadline=deadline)
+        roots.append((margins, bounds, slopes))
         log(f"region {i}: worst disjunct lower margin {float(spec.worst(margins)[0]):.6g}")
         if time.monotonic() > deadline:
             return VerificationResult("timeout", elapsed(), records=records)
-    unproven = [i for i, (m, _) in enumerate(roots) if not bool(specs[i].proven(m).all())]
+    unproven = [i for i, (m, _, _) in enumerate(roots) if not bool(specs[i].proven(m).all())]
     if not unproven:
         return VerificationResult("unsat", elapsed(), records=records)
     if not config.complete:
@@ -180,7 +183,7 @@ def verify(model: BoundedModel, prop: Property, config: VerifyConfig = VerifyCon
             log(f"region {i}: input splitting")
             outcome, found = input_split_search(graph, spec, check, deadline, config.bab, records, i, log)
         else:
-            margins, bounds = roots[i]
+            margins, bounds, slopes = roots[i]
             per_disjunct = spec.per_disjunct(margins)[0]
             outcome, found = "unsat", None
             for k in range(spec.n_disjuncts):
@@ -188,7 +191,7 @@ def verify(model: BoundedModel, prop: Property, config: VerifyConfig = VerifyCon
                     continue
                 log(f"region {i}, disjunct {k}: ReLU splitting (root bound {float(per_disjunct[k]):.4g})")
                 search = ReluSplitSearch(graph, spec.select(k), check, config.bab, records, i, log)
-                outcome, found = search.run(deadline, reference=bounds)
+                outcome, found = search.run(deadline, reference=bounds, slopes=slopes)
                 if outcome != "unsat":
                     break
         if outcome == "sat":

@@ -57,6 +57,11 @@ class BabConfig:
     # close the search (RESULTS.md, "Engine changes of 2026-11-25")
     # None: on with "layer" branching, off otherwise
     rebound_intermediate: Optional[bool] = None
+    # re-bounding passes take the lower slopes alpha-CROWN optimised for the root's intermediate
+    # bounds (any slope in [0, 1] is sound) instead of CROWN's choice: on 256x4 prop_6_0.05,
+    # children split on 10 first-layer neurons have 40 third-layer neurons unstable against 69
+    # (RESULTS.md)
+    rebound_with_root_slopes: bool = True
     # Adam's step for the slopes: large, so that a few steps reach the best corner of [0, 1]
     # (the bound is linear in each last-layer slope); measured on mnistfc 256x4 prop_10_0.05:
     # 0.05 / 0.1 / 0.2 / 0.4 / 0.8 / 1.6 / 3.2 -> 356k / 161k / 79k / 41k / 31k / 12.8k / 16.8k

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..bounds.alpha import AlphaConfig, alpha_crown
-from ..bounds.crown import SplitState, crown_bounds, output_bounds
+from ..bounds.crown import IntermediateSlopes, SplitState, crown_bounds, output_bounds
 from ..graph import BoundGraph
 from ..ops import Bounds, ReLU
 from ..runtime import is_out_of_memory
@@ -114,6 +114,7 @@ class ReluSplitSearch:
         self.attacks: Optional[SearchAttacks] = None   # set by run (it needs the deadline)
         self.root_record: dict[int, Tensor] = {}   # the root's coefficients and box, for its decisions
         self.root_box: Optional[Bounds] = None
+        self.slopes: Optional[IntermediateSlopes] = None   # set by run: the slopes re-bounding uses
 
     # ---- bounding ------------------------------------------------------------------------
     def bound(self, signs: dict[int, Tensor], reference: list[Optional[Bounds]], alphas: dict[int, Tensor],
@@ -133,7 +134,7 @@ class ReluSplitSearch:
         with torch.no_grad():
             fixed = SplitState(signs, {z: b.detach() for z, b in betas.items()})
             bounds = crown_bounds(self.graph, box, splits=fixed, reference=reference, recompute_from=recompute_from,
-                                  deadline=self.deadline)
+                                  deadline=self.deadline, slopes=self.slopes)
         lb, alphas, betas, record = self.optimise(self.alpha_config, box, C, bounds, signs, alphas, betas)
         if catch_up is not None and self.config.catch_up_iterations > 0:
             best = _best_margin(lb - spec.rhs)
@@ -251,9 +252,14 @@ class ReluSplitSearch:
         decision = self.decide(root.bounds, self.root_record, root.signs, root.alphas, root.betas, self.root_box)
         return Domains(root.signs, root.bounds, root.alphas, root.betas, root.lower, decision, root.depth, root.ids)
 
-    def run(self, deadline: float, reference: Optional[list[Optional[Bounds]]] = None) -> tuple[str, Optional[tuple]]:
+    def run(self, deadline: float, reference: Optional[list[Optional[Bounds]]] = None,
+            slopes: Optional[IntermediateSlopes] = None) -> tuple[str, Optional[tuple]]:
+        """The search from the root, whose intermediate bounds start from ``reference`` (batch 1)
+        and, when re-bounded in subdomains, use the root's optimised ``slopes``
+        (``config.rebound_with_root_slopes``)."""
         if not self.layout.relus:
             return "unknown", None
+        self.slopes = slopes if self.config.rebound_with_root_slopes else None
         self.deadline = deadline
         self.attacks = SearchAttacks(self.graph, self.spec, self.check, deadline, self.config.relu_attack_restarts,
                                      self.config.relu_attack_share, self.config.attack_after,

@@ -15,7 +15,8 @@ from torch import Tensor
 
 from ..graph import BoundGraph
 from ..ops import Bounds, ReLU
-from .crown import Alphas, SplitState, crown_bounds, intersect, output_bounds, relu_lines, unstable_rows
+from .crown import (Alphas, IntermediateSlopes, SplitState, crown_bounds, intersect, output_bounds, relu_lines,
+                    unstable_rows)
 from .optim import Adam
 
 
@@ -62,6 +63,20 @@ def init_alphas(graph: BoundGraph, starts: dict[int, int], bounds: list[Optional
     return alphas
 
 
+def _optimised_rows(graph: BoundGraph, initial: list[Optional[Bounds]]) -> dict[int, Tensor]:
+    """The neurons of each intermediate node whose bounds alpha-CROWN optimises: (S_node,)."""
+    return {i: unstable_rows(graph, i, initial[i]) for i in graph.needs_bounds()}
+
+
+def intermediate_slopes(graph: BoundGraph, alphas: Alphas, initial: list[Optional[Bounds]]) -> IntermediateSlopes:
+    """The slopes that ``alpha_crown`` (``optimize_intermediate``, batch 1) returned for the
+    intermediate nodes, with the neurons they belong to; ``initial``: the bounds it started from."""
+    out = graph.output
+    return IntermediateSlopes({key: tuple(None if a is None else a.detach() for a in pair)
+                               for key, pair in alphas.items() if key[0] != out},
+                              _optimised_rows(graph, initial))
+
+
 def alpha_crown(graph: BoundGraph, box: Bounds, C: Tensor, config: AlphaConfig = AlphaConfig(),
                 need_upper: bool = True, initial: Optional[list[Optional[Bounds]]] = None,
                 splits: Optional[SplitState] = None, warm: Optional[Alphas] = None,
@@ -88,7 +103,7 @@ def alpha_crown(graph: BoundGraph, box: Bounds, C: Tensor, config: AlphaConfig =
         if initial is None:
             initial = crown_bounds(graph, box, splits=splits)
     needed = graph.needs_bounds()
-    rows = {i: unstable_rows(graph, i, initial[i]) for i in needed}
+    rows = _optimised_rows(graph, initial)
     starts = {graph.output: C.shape[1]}
     upper_wanted = {graph.output: need_upper}
     if config.optimize_intermediate:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import time
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -45,6 +46,56 @@ class SplitState:
             return b
         return Bounds(torch.where(s > 0, b.lower.clamp(min=0), b.lower),
                       torch.where(s < 0, b.upper.clamp(max=0), b.upper))
+
+
+@dataclass(frozen=True)
+class IntermediateSlopes:
+    """Lower-relaxation slopes of the backward passes that bound intermediate nodes, optimised
+    once (alpha-CROWN on the root) and reused to re-bound its subdomains, whose unstable neurons
+    are among the root's. ``alphas[(start, relu)]``: (lower side, upper side), each
+    (1, S_start, *relu_shape), row k for neuron ``rows[start][k]`` of node ``start``
+    (``rows[start]``: (S_start,) flat indices). Any slopes in [0, 1] give sound bounds; these
+    are the ones the root's optimisation found best."""
+
+    alphas: Alphas
+    rows: dict[int, Tensor]
+
+    def for_rows(self, start: int, rows: Tensor) -> Mapping:
+        """The slopes of the backward pass from ``start`` for its neurons ``rows``: (S,) shared
+        by every sample, or (G, S) per sample; as ``Alphas`` for ``backward_bound``, gathered
+        when the pass reaches each ReLU (one ReLU's slopes in memory at a time), each
+        (1, S, *relu_shape) or (G, S, *relu_shape). A neuron the root did not have unstable
+        takes some other row's slopes: still sound (a subdomain's bounds lie within the root's,
+        so branch and bound never asks for one)."""
+        root_rows = self.rows.get(start)
+        if root_rows is None or len(root_rows) == 0 or rows.numel() == 0:
+            return {}
+        position = torch.zeros(1 + max(int(root_rows.max()), int(rows.max())), dtype=torch.long, device=rows.device)
+        position[root_rows] = torch.arange(len(root_rows), device=rows.device)
+        return _GatheredSlopes(self.alphas, start, position[rows])
+
+
+class _GatheredSlopes(Mapping):
+    """``IntermediateSlopes.for_rows``: the (start, relu) slopes at rows ``index`` of the root's."""
+
+    def __init__(self, alphas: Alphas, start: int, index: Tensor):
+        self.keys_ = [key for key in alphas if key[0] == start]
+        self.alphas, self.index = alphas, index
+
+    def __getitem__(self, key):
+        if key not in self.keys_:
+            raise KeyError(key)
+        return tuple(None if a is None else (a[0][self.index] if self.index.dim() == 2 else a[:, self.index])
+                     for a in self.alphas[key])
+
+    def __contains__(self, key) -> bool:   # without gathering
+        return key in self.keys_
+
+    def __iter__(self) -> Iterator:
+        return iter(self.keys_)
+
+    def __len__(self) -> int:
+        return len(self.keys_)
 
 
 def concretize(lA: Optional[Tensor], uA: Optional[Tensor], lbias, ubias, box: Bounds):
@@ -209,7 +260,8 @@ _GROUP_ROWS = 1 << 16
 
 
 def _crown_per_sample_rows(graph: BoundGraph, node: int, b: Bounds, bounds: list[Optional[Bounds]],
-                           splits: Optional[SplitState] = None) -> Optional[Bounds]:
+                           splits: Optional[SplitState] = None,
+                           slopes: Optional[IntermediateSlopes] = None) -> Optional[Bounds]:
     """CROWN on each sample's own unstable neurons of a ReLU input ``node`` rather than on every
     neuron unstable in some sample: a large batch of boxes (or of branch-and-bound subdomains)
     has nearly every neuron unstable in one of them, while each has fewer. Samples are sorted by
@@ -217,7 +269,8 @@ def _crown_per_sample_rows(graph: BoundGraph, node: int, b: Bounds, bounds: list
     its own rows (padded to the group's largest count; padding results are discarded), so a
     sample's bounds do not depend on the other samples of the batch.
     b: (N, *shape) current bounds; ``splits``: the samples' split decisions and multipliers
-    (``SplitState``; betas (N, 1, *shape), shared by every row). Returns the bounds tightened
+    (``SplitState``; betas (N, 1, *shape), shared by every row); ``slopes``: the lower slopes of
+    each row (``IntermediateSlopes``; CROWN's own choice without). Returns the bounds tightened
     (before ``splits.apply``), or None when this would not save work over shared rows (then the
     caller bounds those)."""
     consumers = [graph.nodes[c].op for c in graph.consumers[node] if graph.nodes[c].op.nonlinear]
@@ -253,7 +306,7 @@ def _crown_per_sample_rows(graph: BoundGraph, node: int, b: Bounds, bounds: list
         group_splits = None if splits is None else SplitState(
             {z: t[group] for z, t in splits.signs.items()}, {z: t[group] for z, t in splits.betas.items()})
         lb, ub = backward_bound(graph, node, None, None, gathered, gathered[0], splits=group_splits,
-                                start_rows=rows)
+                                start_rows=rows, alphas=None if slopes is None else slopes.for_rows(node, rows))
         at = (group.unsqueeze(1), rows)
         flat_l[at] = torch.where(valid, torch.maximum(flat_l[at], lb), flat_l[at])
         flat_u[at] = torch.where(valid, torch.minimum(flat_u[at], ub), flat_u[at])
@@ -268,7 +321,8 @@ def intersect(a: Bounds, b: Bounds) -> Bounds:
 def crown_bounds(graph: BoundGraph, box: Bounds, alphas: Optional[Alphas] = None,
                  splits: Optional[SplitState] = None, reference: Optional[list[Optional[Bounds]]] = None,
                  rows: Optional[dict[int, Tensor]] = None, method: str = "crown",
-                 recompute_from: int = 0, deadline: Optional[float] = None) -> list[Optional[Bounds]]:
+                 recompute_from: int = 0, deadline: Optional[float] = None,
+                 slopes: Optional[IntermediateSlopes] = None) -> list[Optional[Bounds]]:
     """Bounds of every node that a relaxation needs (others: IBP), in topological order.
 
     Each needed node gets IBP from its (already tightened) inputs, intersected with ``reference``
@@ -277,7 +331,9 @@ def crown_bounds(graph: BoundGraph, box: Bounds, alphas: Optional[Alphas] = None
     overrides that choice; alpha-CROWN keeps rows fixed while it optimises). Needed nodes before
     ``recompute_from`` keep their reference bounds without a backward pass (branch and bound:
     layers before the earliest new split cannot change). Past ``deadline`` (time.monotonic())
-    no further backward pass runs: the bounds stay sound, only looser.
+    no further backward pass runs: the bounds stay sound, only looser. ``slopes``: the lower
+    slopes of those passes (``IntermediateSlopes``); ``alphas`` (alpha-CROWN's own, with
+    ``rows``) take precedence; without either, CROWN's choice.
     """
     needed = set(graph.needs_bounds())
     bounds: list[Optional[Bounds]] = [box]
@@ -293,14 +349,15 @@ def crown_bounds(graph: BoundGraph, box: Bounds, alphas: Optional[Alphas] = None
             if method == "crown" and not keep_reference and not late:
                 per_sample = None
                 if rows is None and alphas is None:
-                    per_sample = _crown_per_sample_rows(graph, i, b, bounds, splits)
+                    per_sample = _crown_per_sample_rows(graph, i, b, bounds, splits, slopes)
                 if per_sample is not None:
                     b = per_sample if splits is None else splits.apply(i, per_sample)
                     bounds.append(b)
                     continue
                 sel = rows[i] if rows is not None and i in rows else unstable_rows(graph, i, b)
                 if len(sel):
-                    lb, ub = backward_bound(graph, i, None, None, bounds, box, alphas, splits, start_rows=sel)
+                    pass_alphas = alphas if alphas is not None or slopes is None else slopes.for_rows(i, sel)
+                    lb, ub = backward_bound(graph, i, None, None, bounds, box, pass_alphas, splits, start_rows=sel)
                     flat_l, flat_u = b.lower.flatten(1), b.upper.flatten(1)
                     flat_l = flat_l.index_copy(1, sel, torch.maximum(flat_l[:, sel], lb))
                     flat_u = flat_u.index_copy(1, sel, torch.minimum(flat_u[:, sel], ub))
