@@ -434,6 +434,84 @@ def test_split_domains_bounded_on_their_own_unstable_neurons_equal_each_bounded_
         assert_le(v, bounds[z].upper.unsqueeze(1).expand(N, m, -1)[feasible], torch.float64, f"upper, node {z}")
 
 
+def test_rebounding_with_the_roots_slopes_is_sound_and_takes_each_neurons_own_slopes(monkeypatch):
+    """Subdomains re-bounded with the slopes alpha-CROWN optimised at the root
+    (``IntermediateSlopes``): at the root they reproduce alpha-CROWN's own passes; on a batch of
+    split domains each domain's bounds equal it bounded alone and contain every sampled point that
+    satisfies its splits; and the slopes change the bounds (they are used)."""
+    import verifier.bounds.crown as crown
+    from verifier.bounds.alpha import AlphaConfig, alpha_crown, intermediate_slopes
+    from verifier.bounds.crown import unstable_rows
+    net = tiny_net(7, n_in=3, hidden=(24, 24, 24), n_out=3)
+    model = BoundedModel(net, dtype=torch.float64)
+    graph = model.graph((3,))
+    z_nodes = [graph.nodes[r].inputs[0] for r in graph.relu_nodes()]
+    gen = torch.Generator().manual_seed(5)
+    # a box on which some neurons are stable at the root, so that slope rows are not neuron indices
+    root_box = Bounds(torch.full((1, 3), -0.5, dtype=torch.float64), torch.full((1, 3), 0.5, dtype=torch.float64))
+    C = torch.randn(1, 2, 3, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        initial = crown_bounds(graph, root_box)
+    _, _, root, alphas = alpha_crown(graph, root_box, C, AlphaConfig(iterations=10), need_upper=False,
+                                     initial=initial)
+    slopes = intermediate_slopes(graph, alphas, initial)
+    assert slopes.alphas, "no intermediate slopes were optimised"
+    # at the root (within the bounds alpha-CROWN started from): the same passes as alpha-CROWN's
+    # with its own rows
+    own = {key: pair for key, pair in alphas.items() if key[0] != graph.output}
+    rows = {i: unstable_rows(graph, i, initial[i]) for i in graph.needs_bounds()}
+    with torch.no_grad():
+        by_rows = crown_bounds(graph, root_box, alphas=own, rows=rows, reference=initial)
+        by_slopes = crown_bounds(graph, root_box, reference=initial, slopes=slopes)
+    for z in z_nodes:
+        assert_close(by_slopes[z].lower, by_rows[z].lower, torch.float64, f"root lower, node {z}")
+        assert_close(by_slopes[z].upper, by_rows[z].upper, torch.float64, f"root upper, node {z}")
+    # split domains of the root box, the splits satisfied by random anchor points
+    N = 16
+    box = Bounds(root_box.lower.expand(N, 3), root_box.upper.expand(N, 3))
+    anchors = graph.forward(torch.rand(N, 3, generator=gen, dtype=torch.float64) - 0.5, keep=True)
+    signs = {z: torch.sign(anchors[z]) * (torch.rand(N, *graph.nodes[z].shape, generator=gen) < 0.3)
+             for z in z_nodes}
+    # small multipliers, as a search leaves them: large random ones make every re-bound looser than
+    # the root's bounds, which then hide the slopes
+    betas = {z: 0.05 * torch.rand(N, 1, *graph.nodes[z].shape, generator=gen, dtype=torch.float64)
+             for z in z_nodes}
+    reference = [None if b is None else Bounds(b.lower.expand(N, *b.lower.shape[1:]),
+                                               b.upper.expand(N, *b.upper.shape[1:])) for b in root]
+    calls = []
+    grouped = crown._crown_per_sample_rows
+    monkeypatch.setattr(crown, "_crown_per_sample_rows", lambda *a: calls.append(grouped(*a)) or calls[-1])
+    splits = SplitState(signs, betas)
+    with torch.no_grad():
+        bounds = crown_bounds(graph, box, splits=splits, reference=reference, recompute_from=z_nodes[0] + 1,
+                              slopes=slopes)
+        default = crown_bounds(graph, box, splits=splits, reference=reference, recompute_from=z_nodes[0] + 1)
+    assert any(c is not None for c in calls), "the per-domain path was not taken"
+    assert any(not torch.equal(bounds[z].lower, default[z].lower) for z in z_nodes[1:]), "the slopes were not used"
+    for n in range(N):
+        with torch.no_grad():
+            alone = crown_bounds(graph, root_box, splits=SplitState({z: s[n:n + 1] for z, s in signs.items()},
+                                                                    {z: b[n:n + 1] for z, b in betas.items()}),
+                                 reference=root, recompute_from=z_nodes[0] + 1, slopes=slopes)
+        for z in z_nodes:
+            assert_close(bounds[z].lower[n:n + 1], alone[z].lower, torch.float64, f"lower, node {z}, domain {n}")
+            assert_close(bounds[z].upper[n:n + 1], alone[z].upper, torch.float64, f"upper, node {z}, domain {n}")
+    points = sample_box(root_box.lower, root_box.upper, gen)[0]               # (m, 3)
+    values = graph.forward(points, keep=True)
+    checked = 0
+    for n in range(N):
+        feasible = torch.ones(len(points), dtype=torch.bool)
+        for z in z_nodes:
+            s = signs[z][n]
+            feasible &= ((values[z] * s >= 0) | (s == 0)).all(1)
+        checked += int(feasible.sum())
+        for z in z_nodes:
+            v = values[z][feasible]
+            assert_le(bounds[z].lower[n].expand_as(v), v, torch.float64, f"lower, node {z}, domain {n}")
+            assert_le(v, bounds[z].upper[n].expand_as(v), torch.float64, f"upper, node {z}, domain {n}")
+    assert checked > 100
+
+
 def test_timeout_is_honoured():
     net = tiny_net(3, n_in=6, hidden=(64, 64, 64), n_out=2)
     model = BoundedModel(net, dtype=torch.float64)
