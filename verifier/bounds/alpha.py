@@ -72,9 +72,12 @@ def intermediate_slopes(graph: BoundGraph, alphas: Alphas, initial: list[Optiona
     """The slopes that ``alpha_crown`` (``optimize_intermediate``, batch 1) returned for the
     intermediate nodes, with the neurons they belong to; ``initial``: the bounds it started from."""
     out = graph.output
+    row_of = {}
+    for i, rows in _optimised_rows(graph, initial).items():
+        row_of[i] = torch.zeros(graph.nodes[i].numel, dtype=torch.long, device=rows.device)
+        row_of[i][rows] = torch.arange(len(rows), device=rows.device)
     return IntermediateSlopes({key: tuple(None if a is None else a.detach() for a in pair)
-                               for key, pair in alphas.items() if key[0] != out},
-                              _optimised_rows(graph, initial))
+                               for key, pair in alphas.items() if key[0] != out}, row_of)
 
 
 def alpha_crown(graph: BoundGraph, box: Bounds, C: Tensor, config: AlphaConfig = AlphaConfig(),

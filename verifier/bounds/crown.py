@@ -53,26 +53,20 @@ class IntermediateSlopes:
     """Lower-relaxation slopes of the backward passes that bound intermediate nodes, optimised
     once (alpha-CROWN on the root) and reused to re-bound its subdomains, whose unstable neurons
     are among the root's. ``alphas[(start, relu)]``: (lower side, upper side), each
-    (1, S_start, *relu_shape), row k for neuron ``rows[start][k]`` of node ``start``
-    (``rows[start]``: (S_start,) flat indices). Any slopes in [0, 1] give sound bounds; these
-    are the ones the root's optimisation found best."""
+    (1, S_start, *relu_shape), one row per neuron of node ``start`` that the root optimised;
+    ``row_of[start]``: (numel_start,) long, each neuron's row (0 for a neuron not optimised:
+    any slopes in [0, 1] give sound bounds, and a subdomain never asks for one)."""
 
     alphas: Alphas
-    rows: dict[int, Tensor]
+    row_of: dict[int, Tensor]
 
     def for_rows(self, start: int, rows: Tensor) -> Mapping:
         """The slopes of the backward pass from ``start`` for its neurons ``rows``: (S,) shared
         by every sample, or (G, S) per sample; as ``Alphas`` for ``backward_bound``, gathered
         when the pass reaches each ReLU (one ReLU's slopes in memory at a time), each
-        (1, S, *relu_shape) or (G, S, *relu_shape). A neuron the root did not have unstable
-        takes some other row's slopes: still sound (a subdomain's bounds lie within the root's,
-        so branch and bound never asks for one)."""
-        root_rows = self.rows.get(start)
-        if root_rows is None or len(root_rows) == 0 or rows.numel() == 0:
-            return {}
-        position = torch.zeros(1 + max(int(root_rows.max()), int(rows.max())), dtype=torch.long, device=rows.device)
-        position[root_rows] = torch.arange(len(root_rows), device=rows.device)
-        return _GatheredSlopes(self.alphas, start, position[rows])
+        (1, S, *relu_shape) or (G, S, *relu_shape)."""
+        row_of = self.row_of.get(start)
+        return {} if row_of is None else _GatheredSlopes(self.alphas, start, row_of[rows])
 
 
 class _GatheredSlopes(Mapping):
