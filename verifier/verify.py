@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from .bab.input_split import input_split_search
 from .bab.records import RootRecord, SubdomainRecords
 from .bab.relu_split import ReluSplitSearch
 from .bounds.alpha import AlphaConfig, alpha_crown, intermediate_slopes
-from .bounds.crown import crown_bounds, output_bounds
+from .bounds.crown import IntermediateSlopes, crown_bounds, output_bounds
 from .bounds.ibp import ibp_bounds
 from .io.vnnlib import Property
 from .ops import Bounds
@@ -66,13 +66,20 @@ def unstable_per_layer(graph, bounds: list) -> list[int]:
             for z in (graph.nodes[r].inputs[0] for r in graph.relu_nodes())]
 
 
+class RegionBounds(NamedTuple):
+    """What ``region_lower_margins`` proved about one region's box."""
+
+    margins: torch.Tensor                  # (1, R) sound lower bounds of C y - rhs
+    bounds: list[Optional[Bounds]]         # per node, (1, *shape): the bounds behind them
+    slopes: Optional[IntermediateSlopes]   # alpha-CROWN's for the intermediate bounds (None: not run)
+
+
 def region_lower_margins(model: BoundedModel, spec: RegionSpec, config: VerifyConfig, alpha: Optional[bool] = None,
-                         root: Optional[RootRecord] = None, deadline: Optional[float] = None):
-    """Sound lower bounds (1, R) of the margins C y - rhs over the region's box, and the
-    intermediate bounds behind them: CROWN first, then alpha-CROWN where CROWN does not prove it
-    (``alpha`` None), always (True) or never (False). ``root`` receives the worst-disjunct bound
-    of each method run. Returns margins, bounds and the slopes alpha-CROWN optimised for the
-    intermediate bounds (``IntermediateSlopes``; None where it did not run)."""
+                         root: Optional[RootRecord] = None, deadline: Optional[float] = None) -> RegionBounds:
+    """Sound lower bounds of the margins C y - rhs over the region's box, and the intermediate
+    bounds behind them: CROWN first, then alpha-CROWN where CROWN does not prove it (``alpha``
+    None), always (True) or never (False). ``root`` receives the worst-disjunct bound of each
+    method run."""
     graph = model.graph()
     box = Bounds(spec.lower.unsqueeze(0), spec.upper.unsqueeze(0))
     C = spec.C.unsqueeze(0)
@@ -85,14 +92,14 @@ def region_lower_margins(model: BoundedModel, spec: RegionSpec, config: VerifyCo
     if not graph.relu_nodes() or alpha is False or (spec.proven(margins).all() and alpha is None):
         if root is not None and not graph.relu_nodes():   # no relaxation to optimise: alpha = CROWN
             root.alpha, root.unstable["alpha"] = root.crown, []
-        return margins, bounds, None
+        return RegionBounds(margins, bounds, None)
     crown = bounds
     lb, _, bounds, alphas = alpha_crown(graph, box, C, config.alpha, need_upper=False, initial=crown,
                                         deadline=deadline)
     margins = torch.maximum(margins, lb - spec.rhs)
     if root is not None:
         root.alpha, root.unstable["alpha"] = float(spec.worst(margins)[0]), unstable_per_layer(graph, bounds)
-    return margins, bounds, intermediate_slopes(graph, alphas, crown)
+    return RegionBounds(margins, bounds, intermediate_slopes(graph, alphas, crown))
 
 
 def complete_root_records(model: BoundedModel, prop: Property, records: SubdomainRecords,
@@ -164,13 +171,12 @@ def verify(model: BoundedModel, prop: Property, config: VerifyConfig = VerifyCon
     root_alpha = False if use_input_split else None
     roots = []
     for i, spec in enumerate(specs):
-        margins, bounds, slopes = region_lower_margins(model, spec, config, alpha=root_alpha, root=records.root(i),
-                                                       deadline=deadline)
-        roots.append((margins, bounds, slopes))
-        log(f"region {i}: worst disjunct lower margin {float(spec.worst(margins)[0]):.6g}")
+        roots.append(region_lower_margins(model, spec, config, alpha=root_alpha, root=records.root(i),
+                                          deadline=deadline))
+        log(f"region {i}: worst disjunct lower margin {float(spec.worst(roots[i].margins)[0]):.6g}")
         if time.monotonic() > deadline:
             return VerificationResult("timeout", elapsed(), records=records)
-    unproven = [i for i, (m, _, _) in enumerate(roots) if not bool(specs[i].proven(m).all())]
+    unproven = [i for i, root in enumerate(roots) if not bool(specs[i].proven(root.margins).all())]
     if not unproven:
         return VerificationResult("unsat", elapsed(), records=records)
     if not config.complete:
@@ -183,15 +189,14 @@ def verify(model: BoundedModel, prop: Property, config: VerifyConfig = VerifyCon
             log(f"region {i}: input splitting")
             outcome, found = input_split_search(graph, spec, check, deadline, config.bab, records, i, log)
         else:
-            margins, bounds, slopes = roots[i]
-            per_disjunct = spec.per_disjunct(margins)[0]
+            per_disjunct = spec.per_disjunct(roots[i].margins)[0]
             outcome, found = "unsat", None
             for k in range(spec.n_disjuncts):
                 if per_disjunct[k] > 0:
                     continue
                 log(f"region {i}, disjunct {k}: ReLU splitting (root bound {float(per_disjunct[k]):.4g})")
                 search = ReluSplitSearch(graph, spec.select(k), check, config.bab, records, i, log)
-                outcome, found = search.run(deadline, reference=bounds, slopes=slopes)
+                outcome, found = search.run(deadline, reference=roots[i].bounds, slopes=roots[i].slopes)
                 if outcome != "unsat":
                     break
         if outcome == "sat":
