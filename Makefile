@@ -15,7 +15,7 @@ $(STAMP): requirements.txt setup.cfg
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest tests
 
 demo: $(STAMP)
 	$(BIN)/python -m benchmarks.demo
