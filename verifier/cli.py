@@ -115,7 +115,8 @@ class _ElapsedFormatter(logging.Formatter):
 
 
 def add_logging_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-v", "--verbose", action="store_true", help="also log the search's progress (debug level)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="log at debug level too: the full configuration, the seconds of each phase")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="print the verdict only: no log on stderr (warnings and errors still)")
     p.add_argument("--log-file", metavar="PATH", help="append the log to this file as well (at debug level with "
@@ -303,6 +304,8 @@ def run_verify(args) -> int:
                 f"({why}), timeout {config.timeout:g} s, branching {config.bab.branching}, input split "
                 f"{config.bab.input_split}{'' if config.complete else ', no branch and bound'}"
                 f"{', config ' + args.config if args.config else ''}")
+    from .config_file import to_toml
+    logger.debug("configuration:\n" + to_toml(config).rstrip())
     import torch
     from .bab.records import SubdomainRecords
     from .output import result_json, write_atomic
@@ -323,6 +326,7 @@ def run_verify(args) -> int:
                       seconds=result.seconds)
     if records.count:
         log(f"{records.count} subdomains bounded, max depth {records.max_depth()}")
+    logger.debug("seconds per phase: " + ", ".join(f"{k} {v:.3f}" for k, v in records.phases.items()))
     if result.status in ("unknown", "timeout") and result.details.get("reason"):
         log(f"{result.status}: {result.details['reason']}")
     seconds = time.perf_counter() - t0
