@@ -47,6 +47,7 @@ CASES = {
     "sin": (Sin, _k(*(k * PI / 2 for k in range(-4, 5))), (-math.inf, math.inf)),
     "cos": (Cos, _k(*(k * PI / 2 for k in range(-4, 5))), (-math.inf, math.inf)),
     "sin_far": (Sin, _k(1000.0, 1000 * PI), (-math.inf, math.inf)),
+    "cos_very_far": (Cos, _k(-3e4, 1e5 * PI), (-math.inf, math.inf)),
     "leaky_relu": (lambda: LeakyReLU(0.1), _k(0.0), (-math.inf, math.inf)),
     "leaky_relu_negative_slope": (lambda: LeakyReLU(-0.5), _k(0.0), (-math.inf, math.inf)),
     "leaky_relu_steep": (lambda: LeakyReLU(3.0), _k(0.0), (-math.inf, math.inf)),
@@ -120,7 +121,7 @@ def _gap(dtype, scale):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", ["exp", "pow2", "pow4", "reciprocal_pos", "pow_minus1", "pow_2.5", "log", "sqrt",
-                                  "pow_half", "reciprocal_neg", "pow_minus3_neg"])
+                                  "pow_half", "reciprocal_neg", "pow_minus3_neg", "sin", "cos"])
 def test_convex_and_concave_lines_are_chord_and_tangent(name, dtype):
     """Convex f: the upper line is the chord (touches f at both ends) and the lower line the
     tangent at the midpoint; concave f the other way round -- up to the ulps of widening."""
@@ -128,7 +129,8 @@ def test_convex_and_concave_lines_are_chord_and_tangent(name, dtype):
     l, u = b.lower, b.upper
     keep = (u - l > 1e-3) & torch.isfinite(op.forward(u)) & (op.forward(u).abs() < 1e6) & (op.forward(l).abs() < 1e6)
     lines = op.relaxation(b)
-    convex, _ = op.shape(l, u)
+    convex, concave = op.shape(l, u)
+    keep = keep & (convex | concave)   # Sin, Cos: the boxes within one convex or concave piece
     fl, fu = op.forward(l).double(), op.forward(u).double()
     mid = l + 0.5 * (u - l)   # the op's tangent point, rounded the same way
     fm = op.forward(mid).double()
@@ -214,6 +216,22 @@ def test_out_of_domain_boxes_raise_one_line_errors(op, lower, upper, message):
         with pytest.raises(ModelValueError, match=re.escape(message)) as info:
             bound(b)
         assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_unbounded_boxes_give_finite_or_constant_lines(dtype):
+    inf = math.inf
+    b = Bounds(torch.tensor([[-inf, 0.0, -inf]], dtype=dtype), torch.tensor([[inf, inf, 1.0]], dtype=dtype))
+    for op in (Sin(), Cos()):
+        lines = op.relaxation(b)
+        expected = (torch.zeros_like(b.lower), -torch.ones_like(b.lower), torch.zeros_like(b.lower), torch.ones_like(b.lower))
+        assert all(torch.equal(got, want) for got, want in zip(lines, expected))
+        assert torch.equal(op.ibp(b).upper, torch.ones_like(b.lower))
+    for op in (LeakyReLU(0.1), Clip(-1.0, 1.0), Sign(), Exp()):
+        lines = op.cast(torch.device("cpu"), dtype).relaxation(b)
+        assert not any(t.isnan().any() for t in lines)
+        result = op.backward(torch.tensor([[[1.0, 0.0, -1.0]]], dtype=dtype), None, b)
+        assert not result.lbias.isnan().any()
 
 
 def test_clip_rejects_crossed_limits():

@@ -236,6 +236,9 @@ class _Periodic(_Smooth):
         l_, u_ = torch.where(wide, torch.zeros_like(l), l), torch.where(wide, torch.zeros_like(u), u)
         values = torch.stack([self.f(x) for x in [l_, u_] + self.critical(torch.zeros_like(l), l_, u_)])
         low, high = widen(Bounds(values.amin(0), values.amax(0)))
+        # a rounded critical point misses the peak by up to curvature * delta^2 / 2 (fit_intercepts)
+        missed = self.curvature * (4 * torch.finfo(l.dtype).eps * torch.maximum(l_.abs(), u_.abs())) ** 2
+        low, high = low - missed, high + missed
         return Bounds(torch.where(wide, -1.0, low.clamp(min=-1)), torch.where(wide, 1.0, high.clamp(max=1)))
 
     def ibp(self, b):
