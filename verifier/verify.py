@@ -22,6 +22,7 @@ from .bab.relu_split import ReluSplitSearch
 from .bounds.alpha import AlphaConfig, alpha_crown, intermediate_slopes
 from .bounds.crown import IntermediateSlopes, crown_bounds, output_bounds
 from .bounds.ibp import ibp_bounds
+from .float_check import prepare_float_mode, recheck_counterexample
 from .io.vnnlib import Property
 from .ops import Bounds
 from .spec import RegionSpec, region_specs
@@ -34,6 +35,7 @@ class VerifyConfig:
     alpha: AlphaConfig = AlphaConfig()
     bab: BabConfig = BabConfig()
     complete: bool = True        # run branch and bound after the root bounds (False: incomplete)
+    float_mode: str = "sound"    # "fast": no rounding analysis (verifier/bounds/floating.py, issue 26)
 
 
 @dataclass
@@ -123,7 +125,9 @@ def region_lower_margins(model: BoundedModel, spec: RegionSpec, config: VerifyCo
 def complete_root_records(model: BoundedModel, prop: Property, records: SubdomainRecords,
                           config: VerifyConfig = VerifyConfig()) -> None:
     """Fill what ``verify`` left out of each region's root record (it bounds only what the verdict
-    needs): IBP, CROWN and alpha-CROWN where a cheaper bound or the attack already decided. Runs after
+    needs): IBP, CROWN and alpha-CROWN where a cheaper bound or the attack already decided, and
+    the attack's best margin where a bound decided before any attack (within the attack's time
+    share). Runs after
     the verdict, so statistics never change the timing of the verification itself."""
     graph = model.graph()
     for i, spec in enumerate(region_specs(prop, graph.input_shape, model.device, model.dtype)):
@@ -133,6 +137,10 @@ def complete_root_records(model: BoundedModel, prop: Property, records: Subdomai
             root.ibp, root.unstable["ibp"] = float(spec.worst(margins)[0]), unstable_per_layer(graph, ibp)
         if root.crown is None or root.alpha is None:
             region_lower_margins(model, spec, config, alpha=True, root=root)
+        if root.attack is None and not spec.empty_disjunct:   # the other end of the relaxation gap
+            attack = pgd_search(graph.forward, spec, config.attack,
+                                time.monotonic() + config.attack.time_share * config.timeout)
+            root.attack = attack.best_margin
 
 
 def make_checker(graph, spec: RegionSpec, evaluate, limit: int = 8):
@@ -180,6 +188,9 @@ def verify(model: BoundedModel, prop: Property, config: VerifyConfig = VerifyCon
     deadline = start + config.timeout
     records = records if records is not None else SubdomainRecords(start=start)
     graph = model.graph()
+    # float-soundness pass (issue 26): rounding bounds in every bound; no rule for an op: unknown
+    if (float_reason := prepare_float_mode(model, config.float_mode, log)) is not None:
+        return VerificationResult("unknown", time.monotonic() - start, details={"reason": float_reason})
     specs = region_specs(prop, graph.input_shape, model.device, model.dtype)
     evaluate = concrete_evaluator(model)
 
@@ -198,7 +209,8 @@ def verify(model: BoundedModel, prop: Property, config: VerifyConfig = VerifyCon
             log(f"region {i}: attack candidate not confirmed by the concrete run; ignored")
             return None
         log(f"region {i}: counterexample confirmed by a concrete run")
-        return VerificationResult("sat", elapsed(), found, {"region": i}, records)
+        details = {"region": i, **recheck_counterexample(model, specs[i], found, log)}   # issue 26
+        return VerificationResult("sat", elapsed(), found, details, records)
 
     use_input_split = config.complete and (config.bab.input_split == "on" or (
         config.bab.input_split == "auto" and graph.nodes[0].numel <= config.bab.input_split_max_dim))
