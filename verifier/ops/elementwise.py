@@ -31,6 +31,7 @@ class _Smooth(Relaxed, Op):
 
     optimisable = True
     curvature = 0.0   # bound on |f''| near computed critical points (see fit_intercepts)
+    floor: Optional[float] = None   # a lower bound of f on its whole domain, if any
 
     def f(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -57,7 +58,9 @@ class _Smooth(Relaxed, Op):
     def ibp(self, b: Bounds) -> Bounds:
         self.check(b)
         values = torch.stack([self.f(x) for x in (b.lower, b.upper, *self.stationary(b.lower, b.upper))])
-        return widen(Bounds(values.amin(0), values.amax(0)))
+        low, high = widen(Bounds(values.amin(0), values.amax(0)))
+        # the widening must not leave f's range: a Sqrt after a square needs a lower bound >= 0
+        return Bounds(low.clamp(min=self.floor) if self.floor is not None else low, high)
 
     def default_alpha(self, b: Bounds) -> Tensor:
         return torch.full_like(b.lower, 0.5)
@@ -91,6 +94,8 @@ def _everywhere(l: Tensor) -> tuple[Tensor, Tensor]:
 class Exp(_Smooth):
     """``exp(x)``: convex and increasing; lower tangent, upper chord."""
 
+    floor = 0.0
+
     def f(self, x):
         return torch.exp(x)
 
@@ -119,6 +124,8 @@ class Log(_Smooth):
 
 class Sqrt(_Smooth):
     """``sqrt(x)`` on x >= 0: concave and increasing; upper tangent, lower chord."""
+
+    floor = 0.0
 
     def f(self, x):
         return torch.sqrt(x)
@@ -161,6 +168,8 @@ class Pow(_Smooth):
     def __init__(self, exponent: float):
         self.exponent = float(exponent)
         self.integer = self.exponent == round(self.exponent)
+        even = self.integer and int(self.exponent) % 2 == 0
+        self.floor = 0.0 if even or not self.integer else None   # x^p >= 0 (x >= 0 off integers)
 
     def describe(self) -> str:
         return f"Pow({self.exponent:g})"

@@ -126,9 +126,13 @@ class Clip(Relaxed, Op):
 
 
 class Sign(Relaxed, Op):
-    """``sign(x)`` in {-1, 0, 1}. On a box across 0 the upper line is the constant 1 or the line
-    through (0, 1) and (l, -1), whichever encloses less area (the latter iff u < -l); the lower
-    line symmetrically; on [0, u] the lower line is x / u, on [l, 0] the upper one x / -l."""
+    """``sign(x)`` in {-1, 0, 1}. On [0, u] the lower line is x / u (above the constant 0), on
+    [l, 0] the upper one x / -l. Across 0 the upper line passes through (0, 1) with slope
+    ``alpha * 2 / -l`` (alpha = 1: through (l, -1)), the lower line through (0, -1) with slope
+    ``alpha * 2 / u``; alpha is optimisable and defaults to 0, the constants -1 and 1, since a
+    sloped line leaves [-1, 1] on the box and its concretised bound is then worse than IBP's."""
+
+    optimisable = True
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.sign(x)
@@ -136,12 +140,16 @@ class Sign(Relaxed, Op):
     def ibp(self, b: Bounds) -> Bounds:
         return Bounds(torch.sign(b.lower), torch.sign(b.upper))
 
+    def default_alpha(self, b: Bounds) -> Tensor:
+        return torch.zeros_like(b.lower)
+
     def relaxation(self, b: Bounds, alpha: Optional[Tensor] = None) -> Lines:
-        l, u = b.lower, b.upper
+        l, u, alpha = _prepare(b, alpha)
         zero = torch.zeros_like(l)
+        alpha = zero if alpha is None else alpha
         across = (l < 0) & (u > 0)
-        lower_slope = torch.where(across & (u > -l), 2 / u, torch.where((l == 0) & (u > 0), 1 / u, zero))
-        upper_slope = torch.where(across & (-l > u), -2 / l, torch.where((u == 0) & (l < 0), -1 / l, zero))
+        lower_slope = torch.where(across, alpha * 2 / u, torch.where((l == 0) & (u > 0), 1 / u, zero))
+        upper_slope = torch.where(across, alpha * -2 / l, torch.where((u == 0) & (l < 0), -1 / l, zero))
         # sup / inf of sign(x) - k x: at the ends, at 0, or as x -> 0 from either side
         at_zero = _into(zero, l, u)
         v0 = torch.sign(at_zero)
