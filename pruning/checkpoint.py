@@ -7,12 +7,12 @@ first so the keys match.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from pruning.atomic import save_torch_atomic
 from pruning.data import dataset_info
 from pruning.errors import PruningError
 from pruning.models import build_model
@@ -26,12 +26,8 @@ def save_checkpoint(path: Path, model: nn.Module, meta: dict) -> Path:
     for key in ("model", "dataset"):
         if key not in meta:
             raise PruningError(f"checkpoint meta lacks {key!r}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"format": FORMAT, "meta": dict(meta), "model": model.state_dict()}, tmp)
-    os.replace(tmp, path)
-    return path
+    return save_torch_atomic({"format": FORMAT, "meta": dict(meta), "model": model.state_dict()},
+                             Path(path))
 
 
 def load_checkpoint(
