@@ -10,6 +10,7 @@ configurations use are handled: bool, int, float, str, and Optional of those.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import tomllib
 import typing
@@ -56,8 +57,9 @@ def from_mapping(cls, data: Mapping[str, Any], base=None, section: str = ""):
         where = f"[{section}] {key}" if section else key
         if key not in kinds:
             place = f"section [{section}]" if section else "the top level"
-            known = ", ".join(sorted(kinds))
-            raise UsageError(f"unknown configuration key {key!r} in {place} (known: {known})")
+            close = difflib.get_close_matches(key, kinds, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "known: " + ", ".join(sorted(kinds))
+            raise UsageError(f"unknown configuration key {key!r} in {place} ({hint})")
         kind = kinds[key]
         if _is_config(kind):
             if not isinstance(value, Mapping):
