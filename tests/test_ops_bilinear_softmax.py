@@ -194,3 +194,31 @@ def test_bilinear_alpha_gets_gradients():
         result = op.backward(A, None, bx, y, alpha_l=alpha)
         result.lbias.sum().backward()
         assert alpha.grad is not None and alpha.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_softmax_with_masked_inputs_contains_samples_without_nan(dtype):
+    """Inputs fixed at -inf (an attention mask) contribute 0; the other rows keep their lines."""
+    rng = torch.Generator().manual_seed(7)
+    b = _box(rng, (2, 3, 5), dtype, 1.0)
+    masked = torch.zeros(2, 3, 5, dtype=torch.bool)
+    masked[:, :, 1] = True
+    masked[0, 2, 3] = True
+    inf = torch.tensor(float("-inf"), dtype=dtype)
+    b = Bounds(torch.where(masked, inf, b.lower), torch.where(masked, inf, b.upper))
+    finite = Bounds(torch.where(masked, 0.0, b.lower), torch.where(masked, 0.0, b.upper))
+    x = torch.where(masked, inf, _samples(rng, finite))
+    op = Softmax(-1)
+    fx = _forward(op, [x])
+    ibp = op.ibp(b)
+    assert not ibp.lower.isnan().any() and not ibp.upper.isnan().any()
+    assert ((fx >= ibp.lower) & (fx <= ibp.upper)).all()
+    A = torch.randn((2, 3, 3, 5), generator=rng, dtype=torch.float64).to(dtype)
+    result = op.backward(A, A, b)
+    (lA, uA), = result.input_A
+    assert (lA[masked.unsqueeze(1).expand_as(lA)] == 0).all() and (lA != 0).any()
+    xs = torch.where(masked, 0.0, x)            # masked coefficients are 0: evaluate them at 0
+    lower, objective, slack = linear_gap(lA, result.lbias, A, xs, fx)
+    assert (lower <= objective + slack).all()
+    upper, objective, slack = linear_gap(uA, result.ubias, A, xs, fx)
+    assert (upper >= objective - slack).all()

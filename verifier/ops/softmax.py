@@ -72,16 +72,18 @@ class Softmax(Op):
         log_t_low = torch.logsumexp(rows_high, -1) - u
         rel = self._relative_error(l, u, dtype)
         tiny = torch.finfo(dtype).tiny
-        lower = (torch.exp(-log_t_high) * (1 - rel)).clamp(min=0)
-        upper = (torch.exp(-log_t_low) * (1 + rel) + tiny).clamp(max=1)
+        lowest, highest = torch.exp(-log_t_high), torch.exp(-log_t_low)
+        # an output that underflows to 0 is 0 in the forward too (rel may be infinite there)
+        lower = torch.where(lowest == 0, 0.0, lowest * (1 - rel)).clamp(min=0)
+        upper = (torch.where(highest == 0, 0.0, highest * (1 + rel)) + tiny).clamp(max=1)
         return lower, upper, torch.exp(log_t_low), torch.exp(log_t_high)
 
     def ibp(self, b: Bounds) -> Bounds:
         axis = self._axis(b.lower)
         l, u = (t.movedim(axis, -1).double() for t in b)
         lower, upper, _, _ = self._ibp64(l, u, b.lower.dtype)
-        return Bounds(_outward(lower, b.lower.dtype, -1).movedim(-1, axis),
-                      _outward(upper, b.lower.dtype, 1).movedim(-1, axis))
+        return Bounds(_outward(lower, b.lower.dtype, -1).clamp(min=0).movedim(-1, axis),
+                      _outward(upper, b.lower.dtype, 1).clamp(max=1).movedim(-1, axis))
 
     def relaxation(self, b: Bounds) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Lines along the softmax dim, moved last: ``lower_w . x + lower_c <= s <= upper_w . x +
@@ -96,10 +98,14 @@ class Softmax(Op):
         # exp(d_ij), d_ij = x_j - x_i in [l_j - u_i, u_j - l_i]; d_ii = 0 exactly
         d = Bounds(l.unsqueeze(-2) - u.unsqueeze(-1), u.unsqueeze(-2) - l.unsqueeze(-1))
         d = Bounds(torch.where(eye, 0.0, d.lower), torch.where(eye, 0.0, d.upper))
+        # a masked input (upper bound -inf, e.g. an attention mask) adds exp(-inf) = 0 to every t_i
+        masked = (u == float("-inf")).unsqueeze(-2) & ~eye
+        d = Bounds(torch.where(masked, 0.0, d.lower), torch.where(masked, 0.0, d.upper))
         e = _EXP.relaxation(d, torch.zeros_like(d.lower))   # tangents at the lower ends of d
         zero, one = torch.zeros_like(d.lower), torch.ones_like(d.lower)
-        below_slope, below_int = torch.where(eye, zero, e.lower_slope), torch.where(eye, one, e.lower_intercept)
-        above_slope, above_int = torch.where(eye, zero, e.upper_slope), torch.where(eye, one, e.upper_intercept)
+        constant = torch.where(eye, one, zero)
+        below_slope, below_int = torch.where(eye | masked, zero, e.lower_slope), torch.where(eye | masked, constant, e.lower_intercept)
+        above_slope, above_int = torch.where(eye | masked, zero, e.upper_slope), torch.where(eye | masked, constant, e.upper_intercept)
         magnitude = torch.maximum(l.abs(), u.abs())                        # (..., K)
         t0 = t_high
         # s_i >= (2 t0 - U_i(x)) / t0^2, U_i(x) = sum_j above_ij (x_j - x_i) + above_int_ij
@@ -112,7 +118,7 @@ class Softmax(Op):
         tiny = torch.finfo(dtype).tiny
         lower_c = lower_c - ulps * lower_mag - rel * s_high - tiny
         upper_c = upper_c + ulps * upper_mag + rel * s_high + tiny
-        centre = (l + u) / 2
+        centre = torch.where(u == float("-inf"), 0.0, (l + u) / 2)   # masked inputs have w = 0
         lower_w, lower_c = _or_constant(lower_w, lower_c, centre, s_low, keep_larger=True)
         upper_w, upper_c = _or_constant(upper_w, upper_c, centre, s_high, keep_larger=False)
         return (lower_w.to(dtype), _outward(lower_c, dtype, -1), upper_w.to(dtype), _outward(upper_c, dtype, 1))
@@ -137,7 +143,8 @@ def _compose(slope: Tensor, intercept: Tensor, magnitude: Tensor, factor: Tensor
     f = factor.unsqueeze(-1)
     w = f * slope - torch.diag_embed(f.squeeze(-1) * slope.sum(-1))
     c = offset + factor * intercept.sum(-1)
-    terms = (slope.abs() * (magnitude.unsqueeze(-2) + magnitude.unsqueeze(-1)) + intercept.abs()).sum(-1)
+    spread = magnitude.unsqueeze(-2) + magnitude.unsqueeze(-1)
+    terms = (torch.where(slope == 0, 0.0, slope.abs() * spread) + intercept.abs()).sum(-1)
     return w, c, offset.abs() + factor.abs() * terms
 
 
