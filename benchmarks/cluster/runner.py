@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
@@ -161,6 +162,7 @@ class Tasks:
             seconds = time.monotonic() - started if started is not None else 0.0
             from distributed import KilledWorker
             code = -9 if isinstance(exc, KilledWorker) else 1
+            print(f"\n{' '.join(inst.key)}: task failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             return Outcome("error", seconds, code, "", mode, worker)
         if started is not None and time.monotonic() - started > timeout + self.grace:
             self.client.cancel(future)
