@@ -16,8 +16,8 @@ below it the tangent at t0, ``(2 t0 - t) / t0^2``, is decreasing in t, so
 ``(tl + tu - t) / (tl tu)``, so ``s_i <= (tl + tu - L_i(x)) / (tl tu)``. We take t0 = tu and the
 tangents of exp at the lower ends of d: at the corner ``x_i = l_i, x_j = u_j`` (``x_i = u_i,
 x_j = l_j``) the lower (upper) line then equals IBP's bound, its extreme over the box, so each
-line is nowhere looser than IBP's constant; on random boxes and random A the pair is 5-30%
-tighter than IBP (benchmarks in tests/test_ops_softmax.py's docstring). Where a line overflows,
+line is nowhere looser than IBP's constant; on random boxes and random A the pair is 1-38%
+tighter than IBP (benchmarks/relaxation_widths.py). Where a line overflows,
 or is looser at the box's centre after rounding, IBP's constant replaces it.
 
 The lines are computed in float64 and widened for the rounding of the op's dtype: the cast of
