@@ -109,7 +109,7 @@ GOOD_NANO = (DATA / "test_nano.vnnlib").read_text()
 @pytest.mark.parametrize("case, code", [
     ("missing model", 3), ("not an onnx file", 3), ("corrupt onnx.gz", 3), ("unsupported operator", 4),
     ("malformed spec", 5), ("spec of another shape", 6), ("unknown config key", 2), ("unreadable config", 3),
-    ("bad flag value", 2),
+    ("bad flag value", 2), ("negative timeout", 2), ("result file in a missing folder", 3),
 ])
 def test_each_class_of_user_error_has_its_exit_code_and_one_line(tmp_path, capsys, case, code):
     model, spec, extra = DATA / "test_nano.onnx", DATA / "test_nano.vnnlib", []
@@ -134,6 +134,10 @@ def test_each_class_of_user_error_has_its_exit_code_and_one_line(tmp_path, capsy
         extra = ["--config", str(tmp_path / "none.toml")]
     elif case == "bad flag value":
         extra = ["--threads", "-x"]
+    elif case == "negative timeout":
+        extra = ["--timeout", "-1"]
+    elif case == "result file in a missing folder":
+        extra = ["--result-file", str(tmp_path / "missing" / "result.txt")]
     if case == "bad flag value":
         with pytest.raises(SystemExit) as stop:      # argparse's own usage error
             main(verify_args(model, spec, *extra))

@@ -7,13 +7,18 @@ import os
 import tempfile
 from typing import Optional
 
+from .errors import InputFileError
+
 
 def write_atomic(path: str, text: str) -> None:
     """Write ``text`` to ``path`` so that a reader sees the old content or the new, never a part
     of either: a temporary file in the same folder (same file system, unique name, so two writers
     cannot share it), flushed to disk, then ``os.replace`` over ``path``."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    except OSError as exc:   # a folder that does not exist or cannot be written: the user's path
+        raise InputFileError(f"cannot write {path}: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
