@@ -270,6 +270,8 @@ def verify_config(args):
     for dest, (path, convert) in mapping.items():
         if hasattr(args, dest) and (given is None or dest in given):
             config = set_path(config, path, convert(getattr(args, dest)))
+    if not config.timeout >= 0:
+        raise UsageError(f"the timeout must be a number of seconds >= 0, got {config.timeout}")
     return config
 
 
@@ -444,7 +446,7 @@ def _error(args, message: str) -> None:
         from .output import write_atomic
         try:
             write_atomic(path, "error\n")
-        except OSError:
+        except (OSError, VerifierError):   # the result path itself is what failed
             pass
 
 
