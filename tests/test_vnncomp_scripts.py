@@ -182,3 +182,39 @@ def test_cache_changed_file_misses_and_corrupt_entry_is_rewritten(tmp_path):
     shutil.copy(ROOT / "benchmarks" / "data" / "acasxu" / "ACASXU_run2a_1_6_batch_2000.onnx", model)
     assert cache_path(cache, str(model), cpu, torch.float32) != entry
     assert load_onnx_graph(str(model), cpu, torch.float32, cache)[2] is False
+
+
+# ---- the warm worker of prepare_instance.sh (CERTIPRUNE_WARM=1) ---------------------------------
+def test_warm_worker_takes_the_instance_and_the_next_prepare_ends_it(tmp_path):
+    from benchmarks.cluster.vnncomp import end_leftovers, process_start_time
+    env = script_env(tmp_path, CERTIPRUNE_WARM="1")
+    state = tmp_path / "state"
+    try:
+        done = run_script("prepare_instance.sh", "v1", "test", *SAT, env=env, timeout=300)
+        assert done.returncode == 0 and "warm worker ready" in done.stderr, done.stderr[-2000:]
+        started = [int(line.split()[0]) for line in (state / "pids").read_text().splitlines()]
+        assert len(started) == 2   # scheduler and worker
+        result = tmp_path / "result.txt"
+        result.write_text("unsat\n")
+        done = run_script("run_instance.sh", "v1", "test", *SAT, str(result), "60", env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        text = result.read_text()
+        assert text.startswith("sat\n(") and "(X_0 " in text and "(Y_0 " in text
+        done = run_script("prepare_instance.sh", "v1", "test", *SAT, env=script_env(tmp_path), timeout=300)
+        assert done.returncode == 0 and "ended 2 process(es)" in done.stderr, done.stderr[-2000:]
+        assert not (state / "scheduler.json").exists()
+        time.sleep(0.5)
+        assert all(process_start_time(pid) is None for pid in started)
+    finally:
+        end_leftovers(state)
+
+
+def test_run_instance_runs_cold_when_the_warm_worker_does_not_answer(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "scheduler.json").write_text('{"address": "tcp://127.0.0.1:9", "type": "Scheduler"}')
+    result = tmp_path / "result.txt"
+    result.write_text("unsat\n")
+    done = run_script("run_instance.sh", "v1", "test", *SAT, str(result), "60", env=script_env(tmp_path))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert result.read_text().startswith("sat\n(")
