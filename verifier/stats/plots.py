@@ -163,7 +163,7 @@ def plot_depth(table: Table, labels: list[str], path: str) -> str:
 
 def plot_layers(root_unstable: Table, layers: Table, labels: list[str], path: str) -> str:
     """Unstable ReLUs per layer at the root (mean over instances and regions; solid CROWN, dotted
-    IBP, the run's marker on both), and mean unstable ReLUs (summed over layers) of the
+    IBP with larger open markers so that equal counts stay visible; the run's marker on both), and mean unstable ReLUs (summed over layers) of the
     subdomains at each depth."""
     fig, (root, by_depth) = _figure(2)
     style = _styles(labels)
@@ -171,13 +171,14 @@ def plot_layers(root_unstable: Table, layers: Table, labels: list[str], path: st
         top = 0.0
         for label in labels:
             rows = [r for r in root_unstable.rows if r["run"] == label]
-            for method, line in (("crown", "-"), ("ibp", ":")):
+            for method, line, extra in (("crown", "-", {}),   # IBP: dotted, open markers drawn larger
+                                        ("ibp", ":", {"markerfacecolor": "none", "markersize": 9.0})):
                 layer_ids = sorted({r["layer"] for r in rows if r[method] is not None})
                 means = [np.mean([r[method] for r in rows if r["layer"] == l and r[method] is not None])
                          for l in layer_ids]
                 if layer_ids:
                     root.plot(layer_ids, means, label=f"{label} ({METHOD_NAMES[method]})",
-                              **{**style[label], "linestyle": line})
+                              **{**style[label], "linestyle": line, **extra})
                     top = max(top, max(means))
         root.set(xlabel="ReLU layer", ylabel="unstable ReLUs at the root", title="root, per layer")
         _integer_axis(root.xaxis, -0.5, max(r["layer"] for r in root_unstable.rows) + 0.5)
