@@ -84,10 +84,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _device(args) -> tuple[torch.device, torch.dtype]:
-    try:
-        return torch.device(args.device), DTYPES[args.dtype]
-    except RuntimeError as err:
-        raise PruningError(f"bad --device {args.device!r}: {err}") from None
+    """The device and dtype of ``--device`` / ``--dtype``: ``verifier.errors.check_device``
+    (exit code 8 for a device this machine lacks, 2 for a malformed name)."""
+    from verifier.errors import check_device
+
+    check_device(args.device)
+    return torch.device(args.device), DTYPES[args.dtype]
 
 
 def _data(args, dataset: str, device, dtype) -> tuple[ImageData, ImageData]:

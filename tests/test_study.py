@@ -158,21 +158,30 @@ def test_changed_configuration_is_refused(quick_study, tmp_path):
     ('name = "x"\n[prune]\nunstructured_rate = 1.5\n', "prune.unstructured_rate must be"),
     ('name = "x"\n[verify]\ntimeout = 90.0\nretry_timeout = 60.0\n', "retry_timeout"),
     ('name = "x"\n[quick]\nwarp = 9\n', "[quick]: unknown key 'warp'"),
-    ('name = "x"\n[train\n', "not valid TOML"),
 ])
 def test_config_errors_are_one_line(text, message, tmp_path, capsys):
     path = tmp_path / "bad.toml"
     path.write_text(text)
-    assert main([str(path), "--out", str(tmp_path / "out")]) == 2
+    assert main([str(path), "--out", str(tmp_path / "out")]) == 2  # usage error
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and str(path) in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_config_is_an_input_file_error(tmp_path, capsys):
+    path = tmp_path / "bad.toml"
+    path.write_text('name = "x"\n[train\n')
+    assert main([str(path), "--out", str(tmp_path / "out")]) == 3
+    assert main([str(tmp_path / "none.toml"), "--out", str(tmp_path / "out")]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "not valid TOML" in err[0] and "config not found" in err[1], err
     assert not (tmp_path / "out").exists()
 
 
 def test_missing_dataset_is_one_line_and_writes_nothing(tmp_path, capsys):
     path = tmp_path / "cifar.toml"
     path.write_text(f'dataset = "cifar10"\nmodel = "cnn_base"\ndata_dir = "{tmp_path}"\n')
-    assert main([str(path), "--out", str(tmp_path / "out")]) == 2
+    assert main([str(path), "--out", str(tmp_path / "out")]) == 3  # input file error
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cifar-10-batches-py/data_batch_1" in err[0]
     assert not (tmp_path / "out").exists()

@@ -30,7 +30,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pruning.errors import PruningError
+from pruning.errors import PruningError, PruningFileError
 
 DEFAULT_EPS = {"mnist": 0.1, "fashion-mnist": 0.1, "cifar10": 2 / 255}
 
@@ -169,11 +169,11 @@ def load_config(path: str | Path) -> StudyConfig:
     """Read and check a study file; every problem is one ``PruningError`` line."""
     path = Path(path)
     if not path.is_file():
-        raise PruningError(f"study config not found: {path}")
+        raise PruningFileError(f"study config not found: {path}")
     try:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise PruningError(f"{path}: not valid TOML: {str(err).splitlines()[0]}") from None
+        raise PruningFileError(f"{path}: not valid TOML: {str(err).splitlines()[0]}") from None
     return parse_config(data, source=str(path), default_name=path.stem)
 
 

@@ -156,7 +156,7 @@ class Study:
                 train = load_dataset(self.config.dataset, root, "train")
                 test = load_dataset(self.config.dataset, root, "test")
             except PruningError as err:
-                raise PruningError(f"{err} (dataset {self.config.dataset} under {root}; see "
+                raise type(err)(f"{err} (dataset {self.config.dataset} under {root}; see "
                                    "benchmarks/STUDY.md for what each config needs)") from None
             n_test = max(self.config.test_limit or len(test), self.config.verify.images)
             self._data = (train.head(self.config.train_limit).to(self.device, self.dtype),
