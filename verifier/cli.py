@@ -284,7 +284,11 @@ def _threads(args) -> tuple[int, str]:
     except AttributeError:
         cores = os.cpu_count() or 1
     idle = idle_cores()
-    return idle, f"{idle} of {cores} core(s) idle by the load average"
+    try:
+        load = f"load average {os.getloadavg()[0]:.1f}"
+    except OSError:
+        load = "load average unknown"
+    return idle, f"the idle cores: {cores} core(s), {load}, at least 1"
 
 
 def run_verify(args) -> int:
