@@ -225,3 +225,11 @@ def test_each_region_gets_a_part_of_the_attack_share(tmp_path, attack_calls):
     assert verifier.verify.verify(bounded, prop, config).status == "unknown"
     assert len(attack_calls) == 2
     assert sum(given for given, _ in attack_calls) <= share * timeout
+
+
+def test_json_output_of_a_user_error_is_one_error_object(tmp_path, capsys):
+    assert main(verify_args(tmp_path / "missing.onnx", DATA / "test_prop.vnnlib", "--json", "-q")) == 3
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert out["verdict"] == "error" and out["exit_code"] == 3 and "missing.onnx" in out["error"]
+    assert "missing.onnx" in captured.err
