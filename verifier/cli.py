@@ -411,23 +411,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return args.handler(args)
     except VerifierError as exc:
-        _error(args, str(exc))
-        return exc.exit_code
+        return _error(args, str(exc), exc.exit_code)
     except BrokenPipeError:   # the reader of stdout went away (`| head`): nothing left to say
         _silence_stdout()
         return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
-        _error(args, "interrupted")
-        return EXIT_INTERRUPTED
+        return _error(args, "interrupted", EXIT_INTERRUPTED)
     except OSError as exc:   # a path the user gave that cannot be read or written
         if exc.filename is None:
-            _error(args, f"internal error: {type(exc).__name__}: {exc}")
-            return EXIT_INTERNAL
-        _error(args, f"{exc.filename}: {exc.strerror or exc}")
-        return InputFileError.exit_code
+            return _error(args, f"internal error: {type(exc).__name__}: {exc}", EXIT_INTERNAL)
+        return _error(args, f"{exc.filename}: {exc.strerror or exc}", InputFileError.exit_code)
     except Exception as exc:  # a bug of ours: one line, and the result file says error
-        _error(args, f"internal error: {type(exc).__name__}: {exc}")
-        return EXIT_INTERNAL
+        return _error(args, f"internal error: {type(exc).__name__}: {exc}", EXIT_INTERNAL)
 
 
 def _silence_stdout() -> None:
@@ -439,10 +434,14 @@ def _silence_stdout() -> None:
         pass
 
 
-def _error(args, message: str) -> None:
-    """One line on stderr; the result file (unless the verdict is in it already) says error."""
+def _error(args, message: str, code: int) -> int:
+    """One line on stderr (and with ``verify --json`` the JSON object ``{"verdict": "error",
+    "error": message, "exit_code": code}`` on stdout); the result file (unless the verdict is in
+    it already) says error. Returns ``code``."""
     try:
         print(f"certiprune {getattr(args, 'command', '')}: error: {message}", file=sys.stderr)
+        if getattr(args, "json", False) and getattr(args, "handler", None) is run_verify:
+            print(json.dumps({"verdict": "error", "error": message, "exit_code": code}))
     except (BrokenPipeError, ValueError):
         pass
     path = getattr(args, "result_file", None)
@@ -452,6 +451,7 @@ def _error(args, message: str) -> None:
             write_atomic(path, "error\n")
         except (OSError, VerifierError):   # the result path itself is what failed
             pass
+    return code
 
 
 def console_main() -> None:
