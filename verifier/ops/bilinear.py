@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..errors import UnsupportedOperatorError
 from .base import BackwardResult, Bounds, Op, contract
-from .relax import MARGIN_ULPS, unbroadcast
+from .relax import MARGIN_ULPS, project, unbroadcast
 
 DEFAULT_ALPHA = 0.5
 
@@ -39,7 +39,7 @@ def _sides(A: Optional[Tensor], alpha: Optional[Tensor], lower_side: bool):
     pos = A.clamp(min=0)
     neg = A - pos
     on_lower, on_upper = (pos, neg) if lower_side else (neg, pos)
-    alpha = DEFAULT_ALPHA if alpha is None else alpha.clamp(0, 1)
+    alpha = DEFAULT_ALPHA if alpha is None else project(alpha)
     return on_lower * alpha, on_lower * (1 - alpha), on_upper * alpha, on_upper * (1 - alpha)
 
 

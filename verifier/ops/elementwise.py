@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .base import Bounds, Op
-from .relax import Lines, Relaxed, check_domain, chord_slope, finite_slope, fit_intercepts, widen
+from .relax import Lines, Relaxed, check_domain, chord_slope, finite_slope, fit_intercepts, project, widen
 
 
 class _Smooth(Relaxed, Op):
@@ -70,7 +70,7 @@ class _Smooth(Relaxed, Op):
         self.check(b)
         l, u = b.lower, b.upper
         if alpha is not None:
-            l, u, alpha = torch.broadcast_tensors(l, u, alpha.clamp(0, 1))
+            l, u, alpha = torch.broadcast_tensors(l, u, project(alpha))
         t = l + (0.5 if alpha is None else alpha) * (u - l)
         chord = chord_slope(self.f, self.df, l, u)
         tangent = finite_slope(self.df(t))

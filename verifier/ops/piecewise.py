@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..errors import ModelValueError
 from .base import BackwardResult, Bounds, Op, contract
-from .relax import Lines, Relaxed, chord_slope, finite_slope, fit_intercepts, per_spec, unbroadcast
+from .relax import Lines, Relaxed, chord_slope, finite_slope, fit_intercepts, per_spec, project, unbroadcast
 
 
 def _into(point: Tensor, l: Tensor, u: Tensor) -> Tensor:
@@ -36,7 +36,7 @@ def _fitted(f, points: list[Tensor], lower_slope: Tensor, upper_slope: Tensor) -
 def _prepare(b: Bounds, alpha: Optional[Tensor]):
     if alpha is None:
         return b.lower, b.upper, None
-    return torch.broadcast_tensors(b.lower, b.upper, alpha.clamp(0, 1))
+    return torch.broadcast_tensors(b.lower, b.upper, project(alpha))
 
 
 class LeakyReLU(Relaxed, Op):

@@ -104,6 +104,12 @@ def through_lines(lA: Optional[Tensor], uA: Optional[Tensor], lines_l: Lines, li
     return BackwardResult([(lA_in, uA_in)], lbias, ubias)
 
 
+def project(alpha: Tensor) -> Tensor:
+    """alpha clamped into [0, 1] with the gradient of the identity: an optimiser starting from a
+    default at 0 or 1 (a plain clamp has zero gradient there) can still move it inward."""
+    return alpha + (alpha.clamp(0, 1) - alpha).detach()
+
+
 def per_spec(b: Bounds) -> Bounds:
     """Bounds (N, *shape) -> (N, 1, *shape), to meet per-spec parameters (N, S, *shape)."""
     return Bounds(b.lower.unsqueeze(1), b.upper.unsqueeze(1))
