@@ -56,7 +56,7 @@ def below(value: Tensor, bound: Tensor) -> Tensor:
     return int((bound.double() > value.double()).sum())
 
 
-def linear_gap(A_in: Tensor, bias: Tensor, A: Tensor, x: Tensor, fx: Tensor) -> tuple[Tensor, Tensor]:
+def linear_gap(A_in: Tensor, bias: Tensor, A: Tensor, x: Tensor, fx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """For samples x, fx (P, N, *shape) and a backward pass of A (N, S, *shape): the bound
     ``A_in . x + bias`` and the objective ``A . f(x)``, each (P, N, S) in float64, and the
     rounding slack allowed between them (P, N, S)."""

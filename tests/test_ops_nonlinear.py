@@ -158,28 +158,34 @@ def test_piecewise_linear_ops_are_exact_on_one_piece(dtype):
         assert torch.allclose(intercept, exact_intercept, rtol=0, atol=_gap(dtype, 10.0))
     leaky = LeakyReLU(0.1)
     lines = leaky.relaxation(b)
-    assert torch.equal(lines.lower_slope, torch.tensor([[0.1, 1, 1, 1, 0.1]], dtype=dtype).where(
-        torch.tensor([[True, True, False, True, True]]), lines.lower_slope))
-    assert torch.equal(lines.upper_slope[0, [0, 1, 3, 4]], lines.lower_slope[0, [0, 1, 3, 4]])
+    stable = [0, 1, 3, 4]                                            # boxes on one side of 0
+    exact = torch.tensor([0.1, 1.0, 1.0, 0.1], dtype=dtype)
+    for slope, intercept in ((lines.lower_slope, lines.lower_intercept), (lines.upper_slope, lines.upper_intercept)):
+        assert torch.equal(slope[0, stable], exact)
+        assert (intercept[0, stable].abs() <= _gap(dtype, 10.0)).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_step_functions_are_exact_off_their_jumps(dtype):
-    b = Bounds(torch.tensor([[0.2, -3.0, 1.1, -2.9, 0.0]], dtype=dtype), torch.tensor([[3.0, -0.1, 1.9, -2.1, 0.0]], dtype=dtype))
-    for op, expected in ((Sign(), [1.0, -1.0, 1.0, -1.0, 0.0]), (Floor(), [0.0, -3.0, 1.0, -3.0, 0.0])):
-        lines = op.relaxation(b)
-        want = torch.tensor([expected], dtype=dtype)
-        ibp = op.ibp(b)
-        if isinstance(op, Floor):
-            keep = torch.tensor([[False, False, True, True, True]])   # boxes within one step
-            want = torch.where(keep, want, lines.lower_intercept)
-            assert torch.equal(torch.where(keep, ibp.lower, want), want) and torch.equal(torch.where(keep, ibp.upper, want), want)
-            assert torch.equal(torch.where(keep, lines.upper_intercept, want), want)
-            continue
-        assert torch.equal(ibp.lower, want) and torch.equal(ibp.upper, want)
-        assert torch.equal(lines.lower_slope, torch.zeros_like(want))
-        assert torch.allclose(lines.lower_intercept, want, rtol=0, atol=_gap(dtype, 1.0))
-        assert torch.allclose(lines.upper_intercept, want, rtol=0, atol=_gap(dtype, 1.0))
+def test_sign_is_exact_off_zero(dtype):
+    b = Bounds(torch.tensor([[0.2, -3.0, 0.0]], dtype=dtype), torch.tensor([[3.0, -0.1, 0.0]], dtype=dtype))
+    want = torch.tensor([[1.0, -1.0, 0.0]], dtype=dtype)
+    op = Sign()
+    lines, ibp = op.relaxation(b), op.ibp(b)
+    assert torch.equal(ibp.lower, want) and torch.equal(ibp.upper, want)
+    assert torch.equal(lines.lower_slope, torch.zeros_like(want)) and torch.equal(lines.upper_slope, torch.zeros_like(want))
+    assert torch.allclose(lines.lower_intercept, want, rtol=0, atol=_gap(dtype, 1.0))
+    assert torch.allclose(lines.upper_intercept, want, rtol=0, atol=_gap(dtype, 1.0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_floor_is_exact_within_one_step(dtype):
+    b = Bounds(torch.tensor([[1.1, -2.9, 0.0, 5.0]], dtype=dtype), torch.tensor([[1.9, -2.1, 0.0, 5.999]], dtype=dtype))
+    want = torch.tensor([[1.0, -3.0, 0.0, 5.0]], dtype=dtype)
+    op = Floor()
+    lines, ibp = op.relaxation(b), op.ibp(b)
+    assert torch.equal(ibp.lower, want) and torch.equal(ibp.upper, want)
+    assert torch.equal(lines.lower_slope, torch.zeros_like(want)) and torch.equal(lines.upper_slope, torch.zeros_like(want))
+    assert torch.equal(lines.lower_intercept, want) and torch.equal(lines.upper_intercept, want)
 
 
 def test_floor_lines_are_the_diagonals_on_wide_boxes():
