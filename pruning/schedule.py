@@ -135,6 +135,7 @@ class RoundEvaluator:
     test_data: ImageData
     attack: AttackConfig
     n_bound_images: int = 32
+    chunk: int = 8  # images bounded together by CROWN (memory: see unstable_relus)
 
     def __call__(self, model: nn.Module) -> dict:
         metrics = {"clean_accuracy": accuracy(model, self.test_data),
@@ -155,15 +156,23 @@ class RoundEvaluator:
         lo, hi = input_box(x, self.attack.eps, self.attack.lower, self.attack.upper)
         result = {"n_bound_images": len(x)}
         for method in ("ibp", "crown"):
-            bounds = bounded.relu_bounds(lo, hi, method=method)
-            n_relus = sum(l[0].numel() for l, _ in bounds)
-            per_layer = [((l < 0) & (u > 0)).flatten(1).sum(1) for l, u in bounds]
+            # CROWN's intermediate bounds cost memory in proportion to images x neurons of a
+            # layer (about 1.2 GB per image on cifar_model_deep): bound `chunk` images at a time
+            chunk = len(x) if method == "ibp" else self.chunk
+            per_layer: list[torch.Tensor] = []
+            for start in range(0, len(x), chunk):
+                bounds = bounded.relu_bounds(lo[start:start + chunk], hi[start:start + chunk],
+                                             method=method)
+                counts = [((l < 0) & (u > 0)).flatten(1).sum(1) for l, u in bounds]
+                per_layer = counts if not per_layer else [
+                    torch.cat([a, b]) for a, b in zip(per_layer, counts)]
+            n_relus = sum(int(l[0].numel()) for l, _ in bounds)
             unstable = sum(per_layer)
+            mean = float(unstable.float().mean()) if per_layer else 0.0
             # absolute counts per ReLU layer, mean over the images (not ratios: a pruned
             # layer's dead units would otherwise dilute them)
             result[f"unstable_per_layer_{method}"] = [float(c.float().mean()) for c in per_layer]
             result["relus_per_layer"] = [int(l[0].numel()) for l, _ in bounds]
-            mean = float(unstable.float().mean()) if bounds else 0.0
             result[f"mean_unstable_relus_{method}"] = mean
             result[f"unstable_ratio_{method}"] = mean / max(n_relus, 1)
         result["n_relus"] = n_relus

@@ -346,7 +346,8 @@ class Study:
         model = self.load_model(job)
         attack = self.attack(verification=True)
         verify_data = self.verify_data()
-        unstable = RoundEvaluator(verify_data, attack, len(verify_data)).unstable_relus(model)
+        unstable = RoundEvaluator(verify_data, attack, len(verify_data),
+                                  chunk=1).unstable_relus(model)
         channels = channel_report(model)
         kept = sum(c["kept"] for c in channels.values())
         total = sum(c["total"] for c in channels.values())
