@@ -28,6 +28,15 @@ from .relax import MARGIN_ULPS, project, unbroadcast
 DEFAULT_ALPHA = 0.5
 
 
+def _matmul_eps(t: Tensor) -> float:
+    """Machine epsilon of a float32 matmul as torch runs it: TF32's 2^-10 on CUDA where allowed
+    (torch.backends.cuda.matmul.allow_tf32 or float32 matmul precision below "highest")."""
+    if t.dtype == torch.float32 and t.is_cuda and (
+            torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"):
+        return 2.0 ** -10
+    return torch.finfo(t.dtype).eps
+
+
 def _magnitude(b: Bounds) -> Tensor:
     return torch.maximum(b.lower.abs(), b.upper.abs())
 
@@ -121,7 +130,7 @@ class MatMul(Op):
         """Rounding of a k-term dot product in the forward and of our sums: (N, *batch, m, n)."""
         mx, my = self._aligned(_magnitude(bx), _magnitude(by))
         k = mx.shape[-1]
-        return (MARGIN_ULPS * (k + 2) * torch.finfo(mx.dtype).eps) * (mx @ my)
+        return (MARGIN_ULPS * (k + 2) * _matmul_eps(mx)) * (mx @ my)
 
     def default_alpha(self, bx: Bounds, by: Bounds) -> Tensor:
         mx, my = self._aligned(bx.lower, by.lower)
