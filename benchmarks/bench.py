@@ -370,8 +370,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                                                                    "are skipped (default runs/bench/results.csv)")
     p.add_argument("--reference", help="REFERENCE.csv with agreed answers (benchmark,onnx,vnnlib,answer,...)")
     p.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every timeout (default 1)")
-    p.add_argument("--grace", type=float, default=10.0, help="kill a process this many seconds after its "
-                                                             "timeout (default 10)")
+    p.add_argument("--grace", type=float, default=10.0, help="kill a process (or restart a warm worker) this "
+                                                             "many seconds after its timeout (default 10)")
     p.add_argument("--limit", type=int, help="run at most N instances (after --every)")
     p.add_argument("--every", type=int, default=1, help="take every K-th instance (default 1: all)")
     p.add_argument("--jobs", type=int, default=1, help="instances run at once (default 1; >1 skews timings)")
@@ -394,7 +394,8 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def add_parser(subparsers) -> None:
     """Entry point ``certiprune.commands: bench = benchmarks.bench:add_parser``."""
-    p = subparsers.add_parser("bench", help="run a VNN-COMP instances CSV, one process per instance")
+    p = subparsers.add_parser("bench", help="run a VNN-COMP instances CSV (one process per instance, or on Dask "
+                                           "workers) and score it")
     configure(p)
     p.set_defaults(handler=run_bench)
 

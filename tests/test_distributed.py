@@ -93,6 +93,17 @@ def rows_per_instance(out: Path) -> dict:
     return counts
 
 
+def assert_restarted(client, old_pid: int) -> None:
+    """The worker process ``old_pid`` is gone and its nanny has brought a new one: two workers again."""
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        pids = client.run(os.getpid)
+        if len(pids) == 2 and old_pid not in pids.values():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"worker process {old_pid} was not replaced: {client.run(os.getpid)}")
+
+
 def slow_warm_verify(task):
     """The real warm verification, after 1.5 s: long enough to be killed in the middle."""
     time.sleep(1.5)
@@ -100,12 +111,31 @@ def slow_warm_verify(task):
 
 
 def hang_on_sat(task):
-    """Never returns for test_sat.onnx (a search that cannot finish); verifies the others."""
+    """Never returns for test_sat.onnx (a search that cannot finish); test_tiny.onnx exhausts
+    memory; verifies the others."""
     if task.key[1] == "test_sat.onnx":
         announce_start(task)
         while True:
             time.sleep(0.05)
+    if task.key[1] == "test_tiny.onnx":
+        return out_of_memory(task)
     return warm_verify(task)
+
+
+def out_of_memory(task):
+    """The verification of ``task`` exhausts memory (its model load raises MemoryError)."""
+    from distributed import get_worker
+    from benchmarks.cluster.worker import PLUGIN_NAME, WarmVerifier
+    plugin = get_worker().plugins.get(PLUGIN_NAME) or WarmVerifier()
+
+    def exhausted(*args, **kwargs):
+        raise MemoryError("injected by the test")
+    get_worker().plugins[PLUGIN_NAME] = type("Exhausted", (), {"model": staticmethod(exhausted),
+                                                               "threads": plugin.threads})()
+    try:
+        return warm_verify(task)
+    finally:
+        get_worker().plugins[PLUGIN_NAME] = plugin
 
 
 def test_sigkilled_worker_mid_instance_leaves_one_row_per_instance_with_the_reference_verdicts(cluster, tmp_path):
@@ -135,11 +165,11 @@ def test_sigkilled_worker_mid_instance_leaves_one_row_per_instance_with_the_refe
         assert row["result"] == REFERENCE[inst.key] or (row["result"] == "error" and row["exit_code"] == "-9"), row
         assert row["mode"] == "warm"
     assert sum(row["result"] == REFERENCE[key] for key, row in done.items()) >= len(instances) - 1
-    client.wait_for_workers(2, timeout=60)   # the nanny brought the killed worker back
-    assert victim not in client.run(os.getpid) or client.run(os.getpid)[victim] != pids[victim]
+    assert_restarted(client, pids[victim])
 
 
-def test_hung_instance_is_cut_at_timeout_plus_grace_and_its_worker_restarted(cluster, tmp_path):
+def test_hung_instance_cut_at_timeout_plus_grace_and_out_of_memory_one_error_each_restart_their_worker(
+        cluster, tmp_path):
     scheduler_file, client = cluster
     client.wait_for_workers(2, timeout=60)
     args = bench_args("--scheduler", scheduler_file, "--threads", "1", "--timeout-scale", "0.1", "--grace", "2")
@@ -155,12 +185,13 @@ def test_hung_instance_is_cut_at_timeout_plus_grace_and_its_worker_restarted(clu
             assert row["result"] == "killed" and row["exit_code"] == "-9"
             assert timeout_plus_grace <= float(row["seconds"]) < timeout_plus_grace + 5
             hung_worker = row["worker"]
+        elif inst.onnx == "test_tiny.onnx":
+            assert (row["result"], row["exit_code"]) == ("error", "1")
+            exhausted_worker = row["worker"]
         else:
             assert row["result"] == REFERENCE[inst.key]
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and client.run(os.getpid).get(hung_worker) == pids[hung_worker]:
-        time.sleep(0.2)
-    assert client.run(os.getpid).get(hung_worker) != pids[hung_worker], "the hung worker was not restarted"
+    assert_restarted(client, pids[hung_worker])
+    assert_restarted(client, pids[exhausted_worker])
 
 
 def test_isolated_mode_on_dask_runs_one_process_per_instance(cluster, tmp_path):
@@ -189,3 +220,4 @@ def test_bench_workers_on_a_local_cluster_resumes_without_a_second_row(tmp_path)
     rows = bench.read_results(str(out))
     assert {k: r["result"] for k, r in rows.items()} == {i.key: REFERENCE[i.key] for i in instances}
     assert [rows[i.key]["mode"] for i in instances] == ["isolated"] * 2 + ["warm"] * 3
+

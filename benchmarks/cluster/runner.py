@@ -4,7 +4,8 @@ One Dask task per instance. Rows go to the results CSV as tasks finish (``Result
 at most one row per instance, and none for an instance already in the file, so an interrupted
 run resumes as the sequential runner does). The client watches every started task (the
 ``certiprune-start`` events of ``worker``): a task still running ``grace`` seconds past its
-instance's timeout gets a ``killed`` row, is cancelled, and its worker is restarted by its nanny.
+instance's timeout gets a ``killed`` row, is cancelled, and its worker is restarted by its nanny;
+so is a worker whose task ended in an internal error (out of memory, say: an ``error`` row).
 A worker that dies (crash, out of memory, SIGKILL) loses its task to the scheduler, which runs it
 again on another worker; an instance whose workers die ``allowed-failures + 1`` times gets an
 ``error`` row (exit code -9). Where this runs the scheduler (``--workers``), tasks are not queued
@@ -156,6 +157,8 @@ class Tasks:
         if future.status == "finished":
             result: TaskResult = future.result()
             future.release()
+            if result.restart:
+                threading.Thread(target=self._restart, args=(result.worker,), daemon=True).start()
             return Outcome(result.result, result.seconds, result.exit_code, result.text, result.mode, result.worker)
         if future.status in ("error", "cancelled"):
             exc = future.exception() if future.status == "error" else None

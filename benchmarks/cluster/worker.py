@@ -50,6 +50,7 @@ class TaskResult:
     text: str
     mode: str          # warm | isolated
     worker: str
+    restart: bool = False   # the worker's state is suspect (an internal error, e.g. out of memory)
 
 
 def announce_start(task: InstanceTask) -> str:
@@ -105,7 +106,11 @@ def warm_verify(task: InstanceTask) -> TaskResult:
     if plugin is None:   # a worker that joined without the plugin: set one up for it
         plugin = WarmVerifier()
         plugin.setup()
-    text, code = verify_in_process(task, plugin, start)
+    try:
+        text, code = verify_in_process(task, plugin, start)
+    except Exception as exc:   # a bug of ours or memory exhausted: an error row, and a fresh worker
+        print(f"certiprune verify: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return TaskResult("error", time.perf_counter() - start, 1, "error\n", "warm", address, restart=True)
     result = text.split("\n", 1)[0].strip() or "error"
     return TaskResult(result, time.perf_counter() - start, code, text, "warm", address)
 
