@@ -136,6 +136,7 @@ class RoundEvaluator:
     attack: AttackConfig
     n_bound_images: int = 32
     chunk: int = 8  # images bounded together by CROWN (memory: see unstable_relus)
+    methods: tuple[str, ...] = ("ibp", "crown")
 
     def __call__(self, model: nn.Module) -> dict:
         metrics = {"clean_accuracy": accuracy(model, self.test_data),
@@ -155,7 +156,7 @@ class RoundEvaluator:
         x = self.test_data.images[: self.n_bound_images]
         lo, hi = input_box(x, self.attack.eps, self.attack.lower, self.attack.upper)
         result = {"n_bound_images": len(x)}
-        for method in ("ibp", "crown"):
+        for method in self.methods:
             # CROWN's intermediate bounds cost memory in proportion to images x neurons of a
             # layer (about 1.2 GB per image on cifar_model_deep): bound `chunk` images at a time
             chunk = len(x) if method == "ibp" else self.chunk

@@ -90,7 +90,12 @@ def test_quick_study_verifies_every_round_and_tabulates_intervals_and_tests(quic
     assert (root / "certified_standard.png").stat().st_size > 1000
     assert (root / "unstable_standard.png").stat().st_size > 1000
     metrics = json.loads((root / "standard" / "seed0" / "imp" / "r2" / "metrics.json").read_text())
-    assert len(metrics["unstable_per_layer_crown"]) == 3  # absolute counts per ReLU layer
+    assert len(metrics["unstable_per_layer_ibp"]) == 3  # absolute counts per ReLU layer
+    verified = [json.loads(p.read_text()) for p in root.glob("standard/seed0/*/r*/verify/*.json")]
+    verified = [r for r in verified if r["verdict"] != "misclassified"]
+    assert verified and all(len(r["root_unstable_per_layer"]["crown"]) == 3 for r in verified)
+    assert all(r["root_gap"]["alpha"] is None or r["root_gap"]["alpha"] >= -1e-6
+               for r in verified)  # the attack margin is never below a sound lower bound
 
 
 def test_stages_are_ordered_by_their_dependencies():

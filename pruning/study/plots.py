@@ -9,8 +9,9 @@
   round (first seed): root relaxation gap (alpha-CROWN, attack margin − certified lower bound;
   log scale) and branch-and-bound subdomains, on the images both classify correctly; points
   above the diagonal are harder for the pruned model;
-- ``unstable_<regime>.png``: unstable ReLUs per ReLU layer (absolute counts, CROWN bounds,
-  mean over the verified images) of the dense base and each method's last finished round.
+- ``unstable_<regime>.png``: unstable ReLUs per ReLU layer (absolute counts, CROWN bounds at
+  the verifier's root, mean over the verified images) of the dense base and each method's last
+  finished round. Compacted models lose dead units, so layers are those of the exported model.
 """
 from __future__ import annotations
 
@@ -145,11 +146,13 @@ def plot_unstable(study, rows: list[dict], regime: str, methods: list[str],
              == (regime, seed, method, 0)), None)
         if row is None:
             continue
-        job = ModelJob(regime, seed, method, row["round"])
-        metrics = read_json(study.layout.eval_dir(job) / "metrics.json") or {}
-        counts = metrics.get("unstable_per_layer_crown")
-        if not counts:
+        records = [r for r in _per_image(study, row)
+                   if r and (r.get("root_unstable_per_layer") or {}).get("crown")]
+        if not records:
             continue
+        layers = len(records[0]["root_unstable_per_layer"]["crown"])
+        counts = [sum(r["root_unstable_per_layer"]["crown"][k] for r in records) / len(records)
+                  for k in range(layers)]
         colour, marker = style[method]
         axes.plot(range(1, len(counts) + 1), counts, marker=marker, color=colour,
                   label=f"{method} r{row['round']}")

@@ -93,6 +93,9 @@ def row_of(study, job: ModelJob) -> dict:
     timed = [r["seconds"] for r in attempted if r.get("seconds") is not None]
     gaps = {m: _mean([(r.get("root_gap") or {}).get(m) for r in attempted])
             for m in ("crown", "alpha")}
+    # CROWN's unstable ReLUs at the verifier's root, over the verified images
+    crown = [(r.get("root_unstable") or {}).get("crown") for r in attempted]
+    row["unstable_crown"] = _mean(crown)
     row.update(n_images=verify.images, n_correct=len(attempted), verified=count["unsat"],
                falsified=count["sat"], timeout=count["timeout"], first_timeouts=first,
                timeout_share=first / len(attempted) if attempted else None,

@@ -63,7 +63,7 @@ class ImageVerifier:
         from verifier.verify import complete_root_records
 
         records = result.records
-        roots, gaps = {}, {}
+        roots, gaps, per_layer = {}, {}, {}
         if records is not None:
             complete_root_records(self.bounded, prop, records, config)
             replace_atomic(path, lambda tmp: records.write(
@@ -71,11 +71,15 @@ class ImageVerifier:
                            "result": result.status}, seconds=result.seconds))
             roots = {method: sum(sum(r.unstable.get(method, [])) for r in records.roots.values())
                      for method in ("ibp", "crown", "alpha")}
+            first = next(iter(records.roots.values()), None)
+            per_layer = {m: list(first.unstable.get(m, [])) for m in ("ibp", "crown", "alpha")} \
+                if first is not None else {}
             gaps = root_gaps(records)
         return {"verdict": result.status, "seconds": result.seconds,
                 "subdomains": records.count if records is not None else 0,
                 "max_depth": records.max_depth() if records is not None else 0,
-                "root_unstable": roots, "root_gap": gaps}
+                "root_unstable": roots, "root_unstable_per_layer": per_layer,
+                "root_gap": gaps}
 
 
 def root_gaps(records) -> dict:
