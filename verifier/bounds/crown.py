@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..graph import BoundGraph
 from ..ops import Bounds, Linear, ReLU
+from .floating import pass_slack, widen_ibp
 from .ibp import ibp_bounds
 
 # relu node -> ReLU.relaxation of its input bounds: (upper slope, upper intercept, default lower
@@ -171,6 +172,7 @@ def backward_bound(graph: BoundGraph, start: int, lA: Optional[Tensor], uA: Opti
     (``relu_lines``) by a caller that bounds repeatedly with the same intermediate bounds.
     """
     N = box.lower.shape[0]
+    slack = pass_slack(graph, start, bounds, box, splits)   # float-soundness pass (issue 26)
     want_l, want_u = (True, True) if start_rows is not None else (lA is not None, uA is not None)
     acc_l: dict[int, Tensor] = {}
     acc_u: dict[int, Tensor] = {}
@@ -210,6 +212,8 @@ def backward_bound(graph: BoundGraph, start: int, lA: Optional[Tensor], uA: Opti
             uA_i = None if uA_i is None else uA_i + term
         node = graph.nodes[i]
         if record is None and isinstance(node.op, Linear) and node.inputs == (0,) and len(graph.input_shape) == 1:
+            if slack is not None:   # float-soundness pass (issue 26)
+                slack.linear_then_box(i, lA_i, uA_i)
             direct = _linear_then_box(lA_i, uA_i, node.op, box)
             lbias = lbias if direct[0] is None else lbias + direct[0]
             ubias = ubias if direct[1] is None else ubias + direct[1]
@@ -221,6 +225,8 @@ def backward_bound(graph: BoundGraph, start: int, lA: Optional[Tensor], uA: Opti
             kwargs["alpha_l"], kwargs["alpha_u"] = alphas[(start, i)]
         if lines is not None and i in lines:
             kwargs["lines"] = lines[i]
+        if slack is not None:   # float-soundness pass (issue 26)
+            slack.step(i, lA_i, uA_i)
         result = node.op.backward(lA_i, uA_i, *(bounds[j] for j in node.inputs), **kwargs)
         lbias = lbias + result.lbias
         ubias = ubias + result.ubias
@@ -236,7 +242,10 @@ def backward_bound(graph: BoundGraph, start: int, lA: Optional[Tensor], uA: Opti
         uA0 = torch.zeros(N, 1, *graph.input_shape, dtype=box.lower.dtype, device=box.lower.device)
     if record is not None and lA0 is not None:
         record[0] = lA0
-    return concretize(lA0 if want_l else None, uA0 if want_u else None, lbias, ubias, box)
+    lb, ub = concretize(lA0 if want_l else None, uA0 if want_u else None, lbias, ubias, box)
+    if slack is not None:   # float-soundness pass (issue 26)
+        lb, ub = slack.finish(lA0 if want_l else None, uA0 if want_u else None, lb, ub, start_rows)
+    return lb, ub
 
 
 def unstable_rows(graph: BoundGraph, node: int, b: Bounds) -> Tensor:
@@ -333,6 +342,7 @@ def crown_bounds(graph: BoundGraph, box: Bounds, alphas: Optional[Alphas] = None
     bounds: list[Optional[Bounds]] = [box]
     for i, node in enumerate(graph.nodes[1:], start=1):
         b = node.op.ibp(*(bounds[j] for j in node.inputs))
+        b = widen_ibp(graph, i, b, bounds)   # float-soundness pass (issue 26)
         if i in needed:
             if reference is not None and reference[i] is not None:
                 b = intersect(b, reference[i])
