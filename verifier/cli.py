@@ -247,6 +247,9 @@ def add_verify_parser(subparsers) -> None:
     p.add_argument("--input-split", default="auto", choices=("auto", "on", "off"),
                    help="split the input box instead of ReLUs (auto: when the input has <= 16 entries)")
     p.add_argument("--no-bab", action="store_true", help="stop after the root bounds (incomplete)")
+    p.add_argument("--float-mode", default="sound", choices=("sound", "fast"),   # issue 26
+                   help="sound (default): bounds hold for the network as onnxruntime computes it, rounding "
+                        "included; fast: no rounding analysis (verifier/bounds/floating.py)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: the idle cores, from the load average)")
     p.add_argument("--config", metavar="FILE.toml",

@@ -22,6 +22,7 @@ from .bab.relu_split import ReluSplitSearch
 from .bounds.alpha import AlphaConfig, alpha_crown, intermediate_slopes
 from .bounds.crown import IntermediateSlopes, crown_bounds, output_bounds
 from .bounds.ibp import ibp_bounds
+from .float_check import prepare_float_mode, recheck_counterexample
 from .io.vnnlib import Property
 from .ops import Bounds
 from .spec import RegionSpec, region_specs
@@ -34,6 +35,7 @@ class VerifyConfig:
     alpha: AlphaConfig = AlphaConfig()
     bab: BabConfig = BabConfig()
     complete: bool = True        # run branch and bound after the root bounds (False: incomplete)
+    float_mode: str = "sound"    # "fast": no rounding analysis (verifier/bounds/floating.py, issue 26)
 
 
 @dataclass
@@ -186,6 +188,9 @@ def verify(model: BoundedModel, prop: Property, config: VerifyConfig = VerifyCon
     deadline = start + config.timeout
     records = records if records is not None else SubdomainRecords(start=start)
     graph = model.graph()
+    # float-soundness pass (issue 26): rounding bounds in every bound; no rule for an op: unknown
+    if (float_reason := prepare_float_mode(model, config.float_mode, log)) is not None:
+        return VerificationResult("unknown", time.monotonic() - start, details={"reason": float_reason})
     specs = region_specs(prop, graph.input_shape, model.device, model.dtype)
     evaluate = concrete_evaluator(model)
 
@@ -204,7 +209,8 @@ def verify(model: BoundedModel, prop: Property, config: VerifyConfig = VerifyCon
             log(f"region {i}: attack candidate not confirmed by the concrete run; ignored")
             return None
         log(f"region {i}: counterexample confirmed by a concrete run")
-        return VerificationResult("sat", elapsed(), found, {"region": i}, records)
+        details = {"region": i, **recheck_counterexample(model, specs[i], found, log)}   # issue 26
+        return VerificationResult("sat", elapsed(), found, details, records)
 
     use_input_split = config.complete and (config.bab.input_split == "on" or (
         config.bab.input_split == "auto" and graph.nodes[0].numel <= config.bab.input_split_max_dim))
@@ -264,7 +270,8 @@ def verify(model: BoundedModel, prop: Property, config: VerifyConfig = VerifyCon
         outcome, found = _search(model, specs, roots, unproven, use_input_split, evaluate, config, records,
                                  deadline, log)
     if outcome == "sat":
-        return VerificationResult("sat", elapsed(), found[1], {"region": found[0]}, records)
+        details = {"region": found[0], **recheck_counterexample(model, specs[found[0]], found[1], log)}   # issue 26
+        return VerificationResult("sat", elapsed(), found[1], details, records)
     details = {"unproven_regions": unproven}
     if outcome == "timeout":
         records.cut = "time limit reached during the search"
