@@ -221,3 +221,16 @@ def test_bench_workers_on_a_local_cluster_resumes_without_a_second_row(tmp_path)
     assert {k: r["result"] for k, r in rows.items()} == {i.key: REFERENCE[i.key] for i in instances}
     assert [rows[i.key]["mode"] for i in instances] == ["isolated"] * 2 + ["warm"] * 3
 
+
+
+def test_cuda_workers_get_one_gpu_each_and_tasks_ask_for_one():
+    from benchmarks.cluster.runner import task_resources, worker_specs
+    specs = worker_specs(4, 2, "cuda", gpus=2)
+    options = [spec["options"] for spec in specs.values()]
+    assert [o["env"]["CUDA_VISIBLE_DEVICES"] for o in options] == ["0", "1", "0", "1"]
+    assert all(o["resources"] == {"GPU": 1} and o["nthreads"] == 1 and o["env"]["OMP_NUM_THREADS"] == "2"
+               for o in options)
+    assert all("resources" not in spec["options"] for spec in worker_specs(2, 1, "cpu").values())
+    assert task_resources("cuda:0") == {"GPU": 1} and task_resources("cpu") is None
+    extra = bench.verify_arguments(bench_args("--device", "cuda:0"))
+    assert extra[extra.index("--device") + 1] == "cuda:0"   # passed through to verify

@@ -47,26 +47,38 @@ def gpu_count() -> int:
     return torch.cuda.device_count()
 
 
-def start_local_cluster(workers: int, threads: int, device: str):
-    """A scheduler on 127.0.0.1 and ``workers`` nanny-managed worker processes of one task thread
-    each; with a CUDA device, worker i sees GPU i (mod the GPUs) alone and offers resource GPU=1."""
-    from distributed import Nanny, Scheduler, SpecCluster
+def worker_specs(workers: int, threads: int, device: str, gpus: int = 0) -> dict:
+    """SpecCluster worker specs: nanny-managed processes of one task thread each on 127.0.0.1,
+    ``threads`` OpenMP threads, an equal share of the memory; with a CUDA device, worker i sees
+    GPU i (mod ``gpus``) alone and offers resource GPU=1."""
+    from distributed import Nanny
     from distributed.system import MEMORY_LIMIT
-    cuda = device.startswith("cuda")
-    gpus = gpu_count() if cuda else 0
-    if cuda and gpus == 0:
-        raise RuntimeError("--device cuda with --workers: no CUDA device is visible")
     specs = {}
     for i in range(workers):
         env = worker_environment(threads)
         options = {"nthreads": 1, "env": env, "memory_limit": MEMORY_LIMIT // workers, "host": "127.0.0.1",
                    "dashboard": False, "silence_logs": logging.ERROR}
-        if cuda:
+        if device.startswith("cuda"):
             env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
             options["resources"] = {"GPU": 1}
         specs[f"certiprune-{i}"] = {"cls": Nanny, "options": options}
+    return specs
+
+
+def task_resources(device: str) -> Optional[dict]:
+    """What one instance asks of a worker: a whole GPU on a CUDA device, nothing on the CPU."""
+    return {"GPU": 1} if device.startswith("cuda") else None
+
+
+def start_local_cluster(workers: int, threads: int, device: str):
+    """A scheduler on 127.0.0.1 (random port, no dashboard) and the workers of ``worker_specs``."""
+    from distributed import Scheduler, SpecCluster
+    gpus = gpu_count() if device.startswith("cuda") else 0
+    if device.startswith("cuda") and gpus == 0:
+        raise RuntimeError("--device cuda with --workers: no CUDA device is visible")
     scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "port": 0, "dashboard_address": None}}
-    return SpecCluster(workers=specs, scheduler=scheduler, silence_logs=logging.ERROR, name="certiprune")
+    return SpecCluster(workers=worker_specs(workers, threads, device, gpus), scheduler=scheduler,
+                       silence_logs=logging.ERROR, name="certiprune")
 
 
 def connect(address: str):
@@ -109,7 +121,7 @@ class Tasks:
         self.starts: dict[tuple, tuple[float, str]] = {}   # instance key -> (monotonic start, worker)
         self.lock = threading.Lock()
         self.function = function or (isolated_verify if args.isolate else warm_verify)
-        self.resources = {"GPU": 1} if args.device.startswith("cuda") else None
+        self.resources = task_resources(args.device)
         if not args.isolate:
             client.register_plugin(WarmVerifier(threads, cache_dir=os.environ.get("CERTIPRUNE_CACHE_DIR")),
                                    name=WarmVerifier.name)
