@@ -212,9 +212,9 @@ def backward_bound(graph: BoundGraph, start: int, lA: Optional[Tensor], uA: Opti
             uA_i = None if uA_i is None else uA_i + term
         node = graph.nodes[i]
         if record is None and isinstance(node.op, Linear) and node.inputs == (0,) and len(graph.input_shape) == 1:
-            if slack is not None:   # float-soundness pass (issue 26)
-                slack.linear_then_box(i, lA_i, uA_i)
-            direct = _linear_then_box(lA_i, uA_i, node.op, box)
+            if slack is not None:   # float-soundness pass (issue 26): accounted, and concretised in float64
+                slack.linear_then_box_step(i, lA_i, uA_i)
+            direct = (_linear_then_box if slack is None else slack.linear_then_box)(lA_i, uA_i, node.op, box)
             lbias = lbias if direct[0] is None else lbias + direct[0]
             ubias = ubias if direct[1] is None else ubias + direct[1]
             continue
@@ -242,7 +242,8 @@ def backward_bound(graph: BoundGraph, start: int, lA: Optional[Tensor], uA: Opti
         uA0 = torch.zeros(N, 1, *graph.input_shape, dtype=box.lower.dtype, device=box.lower.device)
     if record is not None and lA0 is not None:
         record[0] = lA0
-    lb, ub = concretize(lA0 if want_l else None, uA0 if want_u else None, lbias, ubias, box)
+    lb, ub = (concretize if slack is None else slack.concretize)(lA0 if want_l else None, uA0 if want_u else None,
+                                                                 lbias, ubias, box)
     if slack is not None:   # float-soundness pass (issue 26)
         lb, ub = slack.finish(lA0 if want_l else None, uA0 if want_u else None, lb, ub, start_rows)
     return lb, ub

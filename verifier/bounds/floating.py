@@ -1,51 +1,46 @@
 """Float soundness (issue 26): bounds that hold for the network as a float32 runtime computes it,
 computed soundly in our own floating-point arithmetic.
 
-Every bound we conclude from is widened by rigorous bounds on two errors.
+Model. The runtime (onnxruntime) evaluates node k as ``z'_k = f_k(z'_inputs) + d_k`` with a
+local rounding error |d_k| <= e_k, where e_k depends only on bounds of the inputs' runtime values
+(``Op.float_error`` with a "forward" Rounding; Higham, "Accuracy and Stability of Numerical
+Algorithms", 2nd ed., ch. 3: a dot product of length n in any order, with or without FMA, has
+``|fl(w . x) - w . x| <= gamma_n |w| . |x|``, ``gamma_n = n u / (1 - n u)``, u = 2^-24; ReLU and
+max are exact on floats; sigmoid and tanh within ``function_error``; a BatchNorm, folded into the
+layer before by the runtime or not, rounds constants of at most the model's |mean scale| + |beta|).
+The real-valued network is the case d = 0. Jia and Rinard ("Exploiting Verified Neural Networks
+via Floating Point Numerical Error", SAS 2021) show that a verifier that bounds only d = 0 can be
+made to prove false properties; benchmarks/data/float_exploit holds such instances.
 
-(a) Our own rounding. Write a backward pass (CROWN, alpha, beta) as the exact statement it
-proves: for all x in the box, ``c . z_s(x) >= A_k . z_k(x) + beta_k`` after the step at node k.
-A step through op k computes, in floating point, new coefficients and bias terms; the computed
-ones differ from the exact image of the computed ``A_k`` by at most ``|A_k| . v_k`` in value over
-the node's range (``Op.float_error``: Higham, "Accuracy and Stability of Numerical Algorithms",
-2nd ed., ch. 3: a dot product of length n in any order, with or without FMA, has error at most
-``gamma_n |w| . |x|``, ``gamma_n = n u / (1 - n u)``; the relaxation lines are rounded too, and
-their shortfall is in ``v_k``). Summed over the steps, the proven bound exceeds the one the
-computed numbers state by at most ``sum_k |A_k| . v_k``. The coefficients shrink through every
-op by ``Op.float_coefficient_gain`` (|W| for an affine map, slopes in [0, 1] for ReLU, the window
-sum for MaxPool), up to a factor (1 + gamma) per step for their own rounding, so
-``|A_k| <= |c| G_s ... G_{k+1}`` and, exchanging the sums,
-``sum_k |A_k| . v_k <= |c| . M_s`` with ``M_i = G_i(M_inputs) + v_i`` -- a forward pass of
-magnitudes, as cheap as IBP (``_sweep``). The input step: concretising over the box
-(centre and radius rounded, two dot products of length d): ``M_0 = 2 gamma_{d+4} |x|_max``.
-beta-CROWN adds ``beta z`` at a split node z: its coefficients reach the earlier steps too, which
-adds ``beta . (M_z + 2 u |z|_max)``. Each IBP step is widened by its own ``v_k`` (an interval step
-is a forward step of the same size). The slack itself is computed in floating point: every M is
-inflated by ``1 + 2 gamma_fan`` and the final subtraction gets a pad of ``4 u (|bound| + slack)``.
-``Rounding.extra`` (the number of nodes + 8) adds to every gamma's length: the bias terms of a pass
-are accumulated over the nodes. Hence every intermediate bound is sound for the real-valued
-network, so the relaxations built from it are, and the output bounds are too.
-
-(b) The runtime. A runtime evaluates the ONNX file in float32: ``fl(f)(x)`` differs from the
-real-valued ``f(x)``. Forward error analysis layer by layer (Higham ch. 3; as in Jia and Rinard,
-"Exploiting Verified Neural Networks via Floating Point Numerical Error", SAS 2021, which shows
-that verifiers ignoring it can be fooled): with ``E_j`` bounding |fl(z_j) - z_j| on the inputs,
-``E_i = float_gain(E_inputs) + float_error(inputs widened by E, runtime rounding)``:
-``|fl(W x') - W x| <= |W| E + gamma_{n+4} (|W| |x'| + |b|)``; ReLU and max are exact on floats and
-1-Lipschitz; sigmoid and tanh: the runtime's approximation error (``function_error``) plus the
-Lipschitz constant times the input error; BatchNorm folded into the layer before it by the
-runtime or not: the constants it rounds are bounded by the model's ``|mean scale| + |beta|``.
-The output bounds returned for the output node are widened by ``E_out``: they then hold for the
-real-valued network and for the runtime's float32 outputs at every float32 input of the box. The
-specification's own rounding (C and rhs of the VNN-LIB file stored in our dtype) adds
-``3 u |C| . (|y|_max + E_out)``.
+Every bound of node i that we compute holds for both, z_i and z'_i, by induction over the nodes:
+- IBP (``widen_ibp``): the interval of f_k over the inputs' intervals (which hold for both), each
+  end widened by our own rounding of that IBP step ("ibp" Rounding) and by e_k.
+- A backward pass (CROWN, alpha, beta; ``PassSlack``): at node k it holds computed coefficients
+  A_k and bias, meaning ``objective >= A_k . z_k + bias`` for every admissible value. One step
+  through node k replaces z_k by f_k(inputs) + d_k (valid for z' and, with d = 0, for z) and the
+  relaxation of f_k, computed in floating point; the computed results differ from the exact
+  image of the computed A_k by at most ``|A_k| . v_k`` over the inputs' ranges (``Op.float_error``
+  with a "backward" Rounding: coefficient products, the bias sums over the node, the rounded
+  ReLU chord's shortfall; the lower lines a y, a in [0, 1], hold exactly), and d_k costs at most
+  ``|A_k| . e_k``. So the proven bound is the computed one minus ``sum_k |A_k| . (v_k + e_k)``,
+  which the pass accumulates as it runs, with the A_k it has (``step``), plus the final
+  concretisation over the box (centre and radius rounded, two dot products of length d:
+  ``2 gamma_{d+4} |A_0| . |x|_max``). Coefficients added at a node with several consumers, and
+  beta-CROWN's ``beta z`` term, round once more (``weight``). The relaxations are built from the
+  intermediate bounds, which hold for both networks, so they hold for both.
+- From the output node, room for the specification's rounding (C and rhs of the VNN-LIB file
+  stored in our dtype): ``3 u |C| . |y|_max``.
+The slack is computed in floating point too: every gamma's length has ``Rounding.extra`` (nodes
++ 8) added (the bias terms of a pass are summed over the nodes; the slack's own few roundings),
+the total is multiplied by ``1 + 2 gamma`` of the largest node, and the subtraction from the
+bound carries a pad of ``4 u (|bound| + slack)``.
 
 Assumptions (stated, not proven): the runtime rounds to nearest in IEEE float32 with dot products
-and direct or im2col + GEMM convolutions (MLAS; no Winograd/FFT convolution), its sigmoid and
-tanh are within ``function_error`` of the true functions, and our torch arithmetic rounds to
-nearest in the graph's dtype (TF32 or reduced-precision matmul is detected and taken as such).
+and direct or im2col + GEMM convolutions (MLAS; no Winograd/FFT convolution), and its sigmoid and
+tanh are within ``function_error``; our torch arithmetic rounds to nearest in the graph's dtype
+(TF32 or a reduced-precision matmul is detected and taken as such).
 
-Cost: measured in RESULTS.md (benchmarks/float_cost.py). ``fast`` mode skips all of this.
+Cost: K-RESULTS / RESULTS.md (benchmarks/float_cost.py). Mode "fast" attaches nothing of this.
 """
 from __future__ import annotations
 
@@ -246,15 +241,61 @@ class PassSlack:
         self._add(lA, uA, self.weight(i))
 
     @torch.no_grad()
-    def linear_then_box(self, i: int, lA: Optional[Tensor], uA: Optional[Tensor]) -> None:
+    def linear_then_box_step(self, i: int, lA: Optional[Tensor], uA: Optional[Tensor]) -> None:
         """The step through a Linear on the input fused with the concretisation: w_i, and the
         box's own term through |W| (``|A W| v_0 <= |A| |W| v_0``)."""
         W = self.graph.nodes[i].op.weight()
-        self._add(lA, uA, self.weight(i) + self._box_weight() @ W.abs().t())
+        self._add(lA, uA, self.weight(i) + (self._box_weight() @ W.abs().t().double()).to(W.dtype))
+
+    def _box_rounding(self) -> Rounding:
+        """The concretisation runs in float64 (``concretize``): its rounding."""
+        return Rounding(2.0 ** -53, self.fm.own.extra)
 
     def _box_weight(self) -> Tensor:
+        """Per unit of |A_0|: centre and radius rounded, two dot products of length d (N, d)."""
         box = self.values[0]
-        return 2 * self.fm.own.gamma(box.lower[0].numel() + 4) * magnitude(box).flatten(1)
+        return 2 * self._box_rounding().gamma(box.lower[0].numel() + 4) * magnitude(box).flatten(1).double()
+
+    def concretize(self, lA0: Optional[Tensor], uA0: Optional[Tensor], lbias, ubias, box: Bounds):
+        """``crown.concretize`` in float64: the sums over the d inputs are the longest of a pass
+        (their float32 error bound, gamma_d |A| |x|, dominated the slack of CROWN on an image).
+        Returns lb, ub (N, S) in float64; ``finish`` rounds them back outward."""
+        centre = ((box.upper.double() + box.lower.double()) / 2).flatten(1)
+        radius = ((box.upper.double() - box.lower.double()) / 2).flatten(1)
+
+        def bound(A: Tensor, bias, sign: float) -> Tensor:
+            A = A.flatten(2)
+            if A.shape[0] > 1 and A.stride(0) == 0:
+                A0 = A[0].double()
+                value = centre @ A0.t() + sign * (radius @ A0.abs().t())
+            else:
+                A = A.double()
+                value = (A * centre.unsqueeze(1)).sum(-1) + sign * (A.abs() * radius.unsqueeze(1)).sum(-1)
+            return value + bias
+        return (None if lA0 is None else bound(lA0, lbias, -1.0)), (None if uA0 is None else bound(uA0, ubias, 1.0))
+
+    def linear_then_box(self, lA: Optional[Tensor], uA: Optional[Tensor], op, box: Bounds):
+        """``crown._linear_then_box`` with the concretisation in float64 (``A W`` in our dtype,
+        a chunk of samples at a time). lA, uA (N, S, out) -> lb, ub (N, S) float64 or None."""
+        W = op.weight()
+        bias = op.bias() if op.bias is not None else None
+        centre = ((box.upper.double() + box.lower.double()) / 2).flatten(1)
+        radius = ((box.upper.double() - box.lower.double()) / 2).flatten(1)
+
+        def bound(A: Tensor, sign: float) -> Tensor:
+            offset = 0.0 if bias is None else A.matmul(bias)
+            N, S = A.shape[:2]
+            if N > 1 and A.stride(0) == 0:
+                AW = (A[0] @ W).double()
+                return centre @ AW.t() + sign * (radius @ AW.abs().t()) + offset
+            step = max(1, (1 << 20) // max(1, S * W.shape[1]))
+            parts = []
+            for n in range(0, N, step):
+                AW = A[n:n + step].matmul(W).double()                             # (n_c, S, d)
+                parts.append((AW * centre[n:n + step].unsqueeze(1)).sum(-1)
+                             + sign * (AW.abs() * radius[n:n + step].unsqueeze(1)).sum(-1))
+            return torch.cat(parts) + offset
+        return (None if lA is None else bound(lA, -1.0)), (None if uA is None else bound(uA, 1.0))
 
     def finish(self, lA0: Optional[Tensor], uA0: Optional[Tensor], lb: Optional[Tensor], ub: Optional[Tensor],
                start_rows: Optional[Tensor] = None):
@@ -274,9 +315,10 @@ class PassSlack:
                 self.lower, self.upper = self.lower + term, self.upper + term
             grow = 1 + 2 * self.fm.own.gamma(max(self.graph.nodes[i].numel for i in range(len(self.graph.nodes))))
             slack_l, slack_u = self.lower * grow, self.upper * grow
-        unit = self.fm.own.unit
-        return (None if lb is None else _down(lb, _as_tensor(slack_l, lb), unit)), \
-            (None if ub is None else _up(ub, _as_tensor(slack_u, ub), unit))
+        # in float64 (``concretize``), then rounded to our dtype: the pad covers that rounding
+        unit, dtype = self.fm.own.unit, self.values[0].lower.dtype
+        return (None if lb is None else _down(lb, _as_tensor(slack_l, lb), unit).to(dtype)), \
+            (None if ub is None else _up(ub, _as_tensor(slack_u, ub), unit).to(dtype))
 
 
 def _as_tensor(slack, like: Tensor) -> Tensor:

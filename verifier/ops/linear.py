@@ -47,14 +47,13 @@ class Linear(Op):
     def float_error(self, inputs, rounding):
         """Forward and IBP: dot products of length in (+ bias, centre and radius roundings);
         backward: ``A W`` sums ``out`` products per entry and ``A b`` all of the output's entries.
-        So gamma_{in + out + 4} |W| m + gamma_{in + numel_out + 4} |b| (N, *out). A runtime that
-        folds a BatchNorm into this layer rounds its bias from constants as large as
-        ``constant_magnitude``."""
+        (``_affine_error``; N, *out). A runtime that folds a BatchNorm into this layer rounds its
+        bias from constants as large as ``constant_magnitude``."""
         m = magnitude(inputs[0])
         W = self.weight()
-        out_numel = (m[0].numel() // W.shape[1]) * W.shape[0]
+        rows = m[0].numel() // W.shape[1]   # entries of the leading per-sample dims
         return _affine_error(F.linear(m, W.abs()), None if self.bias is None else self.bias().abs(),
-                             W.shape[1], W.shape[0], out_numel, rounding)
+                             W.shape[1], W.shape[0], rows + W.shape[0], rounding)
 
     def float_gain(self, error):
         return F.linear(error, self.weight().abs())
@@ -118,8 +117,10 @@ class Conv2d(Op):
         W = self.weight()
         products = self._conv(m, W.abs(), None)
         bias = None if self.bias is None else self.bias().abs().view(-1, 1, 1)
-        return _affine_error(products, bias, W[0].numel(), W.shape[0] * W[0].numel() * self.groups,
-                             products[0].numel(), rounding)
+        # an input entry of the transposed convolution sums at most C_out k_h k_w products; the
+        # bias term sums A over the output positions, then over the channels
+        return _affine_error(products, bias, W[0].numel(), W.shape[0] * W[0, 0].numel(),
+                             products[0, 0].numel() + W.shape[0], rounding)
 
     def float_gain(self, error):
         return self._conv(error, self.weight().abs(), None)
