@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from benchmarks.instances import read_instances
-from benchmarks.nonlinear.crosscheck import conv_matrix, encode, read_cnn, second_conv_bounds
+from benchmarks.nonlinear.crosscheck import conv_matrix, encode, margin_lower_bounds, read_cnn, second_conv_bounds
 from benchmarks.nonlinear.models import to_onnx_nonlinear
 from pruning.data import DatasetInfo
 from verifier import BoundedModel
@@ -144,7 +144,7 @@ def test_crosscheck_second_conv_bounds_contain_sampled_points():
     b1 = np.repeat(params["b1"], 26 * 26) - w1 @ np.full(784, params["mean"][0])
     l1 = w1.maximum(0) @ lower + w1.minimum(0) @ upper + b1
     u1 = w1.maximum(0) @ upper + w1.minimum(0) @ lower + b1
-    low, up = second_conv_bounds(w1, b1, l1, u1, lower, upper, conv_matrix(params["w2"], (8, 13, 13)),
+    low, up, _ = second_conv_bounds(w1, b1, l1, u1, lower, upper, conv_matrix(params["w2"], (8, 13, 13)),
                                  np.repeat(params["b2"], 11 * 11))
     rng = np.random.default_rng(0)
     x = lower + rng.random((2000, 784)) * (upper - lower)
@@ -171,3 +171,17 @@ def test_crosscheck_encoding_is_exact_at_sampled_points_of_a_box():
         assert result.status == 0, result.message
         _, logits = cnn_layers(params, point[None])
         np.testing.assert_allclose(result.x[y_vars], logits[0], atol=1e-5)
+
+
+def test_crosscheck_margin_lower_bounds_are_below_sampled_margins():
+    params = read_cnn(str(SUITE / "mnist_convmaxpool.onnx"))
+    lower, upper = cnn_box(0.03)
+    rng = np.random.default_rng(3)
+    x = np.vstack([lower + rng.random((2000, 784)) * (upper - lower),
+                   np.where(rng.random((500, 784)) < 0.5, lower, upper)])
+    _, logits = cnn_layers(params, x)
+    label = int(logits[0].argmax())
+    bounds = margin_lower_bounds(params, lower, upper, label)
+    margins = logits[:, [label]] - logits                            # (n, 10)
+    assert np.all(margins >= bounds - 1e-9 * (1 + np.abs(margins)))
+    assert bounds[label] == pytest.approx(0, abs=1e-9)
