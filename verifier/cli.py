@@ -350,11 +350,11 @@ class _WallClockExpired(Exception):
     pass
 
 
-def _verify_within(verify, model, prop, config, log, records):
+def _verify_within(verify, model, prop, config, log, records=None):
     """verify() stops itself at its deadline between bounding steps; a wall-clock alarm half a
     second later is the safety net for a step that overruns it (a long batch on a loaded machine):
-    the answer is then ``timeout``, never a late verdict, and ``records`` keeps what the run
-    gathered, marked as cut."""
+    the answer is then ``timeout``, never a late verdict, and ``records`` (passed on to
+    ``verify`` where given) keeps what the run gathered, marked as cut."""
     from .verify import VerificationResult
 
     running = [True]
@@ -367,14 +367,15 @@ def _verify_within(verify, model, prop, config, log, records):
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, config.timeout + 0.5)
     try:
-        result = verify(model, prop, config, log, records)
+        result = verify(model, prop, config, log) if records is None else verify(model, prop, config, log, records)
         running[0] = False
         return result
     except _WallClockExpired:
-        records.cut = "wall-clock safety net: a bounding step overran the time limit by 0.5 s"
+        reason = "wall-clock safety net: a bounding step overran the time limit by 0.5 s"
+        if records is not None:
+            records.cut = reason
         log("wall-clock limit reached inside a bounding step")
-        return VerificationResult("timeout", time.monotonic() - start, details={"reason": records.cut},
-                                  records=records)
+        return VerificationResult("timeout", time.monotonic() - start, details={"reason": reason}, records=records)
     finally:
         running[0] = False
         signal.setitimer(signal.ITIMER_REAL, 0)
