@@ -219,3 +219,20 @@ def test_a_method_that_cannot_prune_leaves_error_rows(tmp_path):
     assert all(r["status"].startswith("error: ") and "BatchNorm" in r["status"]
                for r in rows[1:])
     assert Study(config, tmp_path).run() == rows
+
+
+def test_verify_memory_settings_reach_the_verifier_config():
+    from pruning.study.verify_images import ImageVerifier
+
+    verifier = ImageVerifier.__new__(ImageVerifier)  # only the config mapping, no model
+    verifier.alpha_intermediate, verifier.relu_batch = False, 16
+    config = verifier.config(7.0)
+    assert config.timeout == 7.0 and config.alpha.optimize_intermediate is False
+    assert config.bab.relu_batch == 16
+    verifier.alpha_intermediate, verifier.relu_batch = True, None
+    default = verifier.config(7.0)
+    assert default.alpha.optimize_intermediate is True and default.bab.relu_batch > 16
+    parsed = parse_config({"name": "m", "verify": {"alpha_intermediate": False, "relu_batch": 4,
+                                                   "memory_limit_gb": 10.0}})
+    assert (parsed.verify.alpha_intermediate, parsed.verify.relu_batch,
+            parsed.verify.memory_limit_gb) == (False, 4, 10.0)

@@ -204,6 +204,12 @@ class Study:
                     f"differ); use --out elsewhere or remove the folder")
         write_json_atomic(path, current)
         torch.set_num_threads(self.config.threads)
+        limit = self.config.verify.memory_limit_gb
+        if limit is not None:  # fail this process's allocations, not the machine's
+            import resource
+
+            cap = int(limit * 2 ** 30)
+            resource.setrlimit(resource.RLIMIT_AS, (cap, resource.getrlimit(resource.RLIMIT_AS)[1]))
 
     # ---------------------------------------------------------------- the run
     def run(self) -> list[dict]:
@@ -408,8 +414,11 @@ class Study:
 
         if not todo:
             return None
+        section = self.config.verify
         verifier = ImageVerifier(self.layout.eval_dir(job) / "model.onnx", self.load_model(job),
-                                 self.info, self.config.dataset, self.config.verify_eps)
+                                 self.info, self.config.dataset, self.config.verify_eps,
+                                 alpha_intermediate=section.alpha_intermediate,
+                                 relu_batch=section.relu_batch)
         images = self.verify_data()
         start = time.monotonic()
         for count, i in enumerate(todo, start=1):
