@@ -183,3 +183,134 @@ def test_runtime_and_real_outputs_inside_sound_bounds(sessions, name, dtype):
         _assert_inside(lb, ub, values, what + " CROWN")
         if "wide" not in where:   # tiny boxes: the widening is a rounding error, not a collapse
             assert bool(torch.isfinite(lb).all() & torch.isfinite(ub).all()), f"{what}: CROWN bounds not finite"
+
+
+# ---- graphs mixing the ops, through the project's own passes ---------------------------------------
+def _shift(c: float, dtype) -> ElementwiseAffine:
+    return ElementwiseAffine(constant(torch.tensor(1.0, dtype=dtype)), constant(torch.tensor(c, dtype=dtype)))
+
+
+def _linear(gen, n_in, n_out, dtype, scale=1.0) -> Linear:
+    W = scale * torch.randn(n_out, n_in, generator=gen, dtype=torch.float64) / n_in ** 0.5
+    b = 0.1 * torch.randn(n_out, generator=gen, dtype=torch.float64)
+    return Linear(constant(W.to(dtype)), constant(b.to(dtype)))
+
+
+def _transpose(rows: int, cols: int) -> Rearrange:
+    return Rearrange(torch.arange(rows * cols).reshape(rows, cols).t().reshape(-1), (rows, cols), (cols, rows))
+
+
+def _attention(dtype):
+    """x (4, 3) -> softmax(q k^T) v -> Linear (tests/test_ops_nonlinear_graphs.py's block)."""
+    gen = torch.Generator().manual_seed(22)
+    ops = [(_linear(gen, 3, 3, dtype, 2.0), (0,), (4, 3)), (_linear(gen, 3, 3, dtype, 2.0), (0,), (4, 3)),
+           (_linear(gen, 3, 3, dtype), (0,), (4, 3)), (_transpose(4, 3), (2,), (3, 4)), (MatMul(), (1, 4), (4, 4)),
+           (Softmax(-1), (5,), (4, 4)), (MatMul(), (6, 3), (4, 3)), (_linear(gen, 3, 2, dtype), (7,), (4, 2))]
+    return ops, (4, 3)
+
+
+def _elementwise_mix(dtype):
+    """x (6,) through every elementwise op, recombined by Mul, Maximum, Minimum, Softmax."""
+    gen = torch.Generator().manual_seed(26)
+    ops = [(_linear(gen, 6, 6, dtype), (0,)), (Exp(), (1,)), (Sin(), (0,)), (Mul(), (2, 3)), (Clip(-1.0, 1.0), (4,)),
+           (LeakyReLU(0.25), (5,)), (Sign(), (1,)), (Maximum(), (6, 7)), (Pow(2), (8,)), (_shift(0.25, dtype), (9,)),
+           (Sqrt(), (10,)), (_shift(1.5, dtype), (11,)), (Log(), (12,)), (Reciprocal(), (12,)), (Floor(), (0,)),
+           (Cos(), (15,)), (Mul(), (13, 16)), (Pow(3), (14,)), (Minimum(), (17, 18)), (Softmax(-1), (19,)),
+           (_linear(gen, 6, 3, dtype), (20,))]
+    return [(op, ins, (3,) if i == len(ops) - 1 else (6,)) for i, (op, ins) in enumerate(ops)], (6,)
+
+
+def _bound_graph(builder, dtype) -> BoundGraph:
+    ops, shape = builder(dtype)
+    nodes = [Node("x", None, (), shape)]
+    nodes += [Node(f"n{i}", op.cast(torch.device("cpu"), dtype), ins, out, type(op).__name__)
+              for i, (op, ins, out) in enumerate(ops, start=1)]
+    graph = BoundGraph(nodes, len(nodes) - 1)
+    attach(graph, make_float_model(graph, "sound", torch.device("cpu"), dtype))
+    return graph
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("radius", [0.0, 1e-6, 1e-3, 0.2])
+@pytest.mark.parametrize("builder", [_attention, _elementwise_mix], ids=["attention", "elementwise_mix"])
+def test_graphs_of_the_new_ops_are_bounded_in_mode_sound(builder, radius, dtype):
+    """No op of these graphs lacks a rounding rule (``verify`` would refuse it), and the sound
+    IBP and CROWN bounds of the project's passes contain torch's float32 and float64 outputs."""
+    graph = _bound_graph(builder, dtype)
+    assert unsupported_ops(graph) == []
+    graph32, graph64 = _bound_graph(builder, torch.float32), _bound_graph(builder, torch.float64)
+    gen = torch.Generator().manual_seed(int(radius * 1e6) + 7)
+    shape = graph.input_shape
+    centre = torch.randn(shape, generator=gen, dtype=torch.float64)
+    lower, upper = (centre - radius).float(), (centre + radius).float()
+    points = _points(lower, upper, gen)
+    with torch.no_grad():
+        values = {"torch float32": graph32.forward(points).double().flatten(1),
+                  "float64": graph64.forward(points.double()).flatten(1)}
+        box = Bounds(lower.unsqueeze(0).to(dtype), upper.unsqueeze(0).to(dtype))
+        n_out = graph.nodes[graph.output].numel
+        C = torch.eye(n_out, dtype=dtype).reshape(1, n_out, *graph.nodes[graph.output].shape)
+        ibp = ibp_bounds(graph, box)[graph.output]
+        bounds = crown_bounds(graph, box)
+        lb, ub = output_bounds(graph, box, C, bounds)
+    what = f"{builder.__name__} {dtype} radius {radius:g}"
+    _assert_inside(ibp.lower, ibp.upper, values, what + " IBP")
+    _assert_inside(lb, ub, values, what + " CROWN")
+    for i, b in enumerate(bounds):
+        assert b is None or bool((b.lower <= b.upper).all()), f"{what}: node {i} has lower > upper"
+    if radius <= 1e-3:
+        assert bool(torch.isfinite(lb).all() & torch.isfinite(ub).all()), f"{what}: CROWN bounds not finite"
+
+
+# ---- one backward step with any alpha -----------------------------------------------------------
+STEP_CASES = {
+    "exp": (Exp, [(6,)], (-5.0, 5.0)), "log": (Log, [(6,)], (0.1, 20.0)), "sqrt": (Sqrt, [(6,)], (0.1, 20.0)),
+    "reciprocal": (Reciprocal, [(6,)], (0.1, 20.0)), "pow3": (lambda: Pow(3), [(6,)], (-4.0, 4.0)),
+    "sin": (Sin, [(6,)], (-20.0, 20.0)), "cos": (Cos, [(6,)], (-20.0, 20.0)),
+    "leaky_relu": (lambda: LeakyReLU(0.25), [(6,)], (-3.0, 3.0)), "clip": (lambda: Clip(-1.0, 2.0), [(6,)], (-4.0, 4.0)),
+    "sign": (Sign, [(6,)], (-2.0, 2.0)), "floor": (Floor, [(6,)], (-5.0, 5.0)),
+    "mul": (Mul, [(6,), (1,)], (-3.0, 3.0)), "max": (Maximum, [(6,), (6,)], (-3.0, 3.0)),
+    "min": (Minimum, [(1,), (6,)], (-3.0, 3.0)), "matmul": (MatMul, [(3, 4), (4, 2)], (-3.0, 3.0)),
+    "softmax": (lambda: Softmax(-1), [(3, 5)], (-4.0, 4.0)),
+}
+
+
+@pytest.mark.parametrize("width", [1e-6, 1e-3, 1.0])
+@pytest.mark.parametrize("name", list(STEP_CASES))
+def test_one_backward_step_holds_within_its_float_error_for_any_alpha(name, width):
+    """A bound pushed through the op in float32 with random A and random alpha (the default
+    lines for ops without alpha), less ``|A| . float_error`` of a "backward" Rounding, holds for
+    the op's real value (float64) at every sampled point of the box: the rule covers our own
+    rounding of the step for every relaxation alpha-CROWN may pick. (The check itself runs in
+    float64, whose rounding is ~1e-9 of the slack tested.)"""
+    factory, shapes, (low, high) = STEP_CASES[name]
+    gen = torch.Generator().manual_seed(sum(map(ord, name)) + int(width * 1e6))
+    op = factory()
+    centres = [low + width + (high - low - 2 * width) * torch.rand((2, *s), generator=gen, dtype=torch.float64)
+               for s in shapes]
+    bs = [Bounds((c - width).float(), (c + width).float()) for c in centres]
+    out = op.forward(*[b.lower for b in bs])
+    A = torch.randn((2, 8, *out.shape[1:]), generator=gen)
+    kwargs = {}
+    if getattr(op, "optimisable", False):
+        kwargs = {"alpha_l": torch.rand(A.shape, generator=gen), "alpha_u": torch.rand(A.shape, generator=gen)}
+    with torch.no_grad():
+        result = op.backward(A, A, *bs, **kwargs)
+        w = op.float_error(bs, Rounding(2.0 ** -24, 8, "backward"))
+    slack = (A.double().abs() * w.double().unsqueeze(1)).flatten(2).sum(-1)                      # (N, S)
+    t = [torch.rand((400, *b.lower.shape), generator=gen, dtype=torch.float64) for b in bs]
+    t = [torch.cat([torch.zeros_like(ti[:1]), torch.ones_like(ti[:1]), ti.round()[:100], ti[100:]]) for ti in t]
+    xs = [(b.lower.double() + ti * (b.upper - b.lower).double()).float().double() for b, ti in zip(bs, t)]
+    xs = [torch.minimum(torch.maximum(x, b.lower.double()), b.upper.double()) for x, b in zip(xs, bs)]
+    f = op.forward(*[x.flatten(0, 1) for x in xs]).reshape(len(xs[0]), *out.shape)                # (P, N, *out)
+    objective = (A.double().unsqueeze(0) * f.unsqueeze(2)).flatten(3).sum(-1)                       # (P, N, S)
+    sides = []
+    for k, (A_in_l, A_in_u) in enumerate(result.input_A):
+        x = xs[k].unsqueeze(2)
+        sides.append([(A_in.double().unsqueeze(0) * x).flatten(3).sum(-1) for A_in in (A_in_l, A_in_u)])
+    lower = sum(s[0] for s in sides) + torch.as_tensor(result.lbias).double() - slack
+    upper = sum(s[1] for s in sides) + torch.as_tensor(result.ubias).double() + slack
+    assert bool((lower <= objective).all()), f"{name} width {width}: a lower bound exceeds A . f(x) by " \
+        f"{float((lower - objective).max()):.3g}"
+    assert bool((objective <= upper).all()), f"{name} width {width}: an upper bound is below A . f(x) by " \
+        f"{float((objective - upper).max()):.3g}"
