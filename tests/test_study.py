@@ -236,3 +236,13 @@ def test_verify_memory_settings_reach_the_verifier_config():
                                                    "memory_limit_gb": 10.0}})
     assert (parsed.verify.alpha_intermediate, parsed.verify.relu_batch,
             parsed.verify.memory_limit_gb) == (False, 4, 10.0)
+
+
+def test_report_does_not_import_the_pipeline():
+    import subprocess
+    import sys
+
+    code = ("import sys, pruning.study.report, pruning.study.plots; "
+            "print('pruning.study.pipeline' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

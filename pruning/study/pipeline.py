@@ -33,6 +33,7 @@ from pruning.errors import PruningError
 from pruning.study.config import StudyConfig, changed_keys
 from pruning.study.jobs import CONTROLS, Layout, ModelJob, base_of, is_control
 from pruning.study.progress import Progress
+from pruning.study.report import rows_of, write_outputs  # report never imports the pipeline
 
 VERDICTS = ("unsat", "sat", "timeout", "unknown", "error", "misclassified")
 
@@ -215,8 +216,6 @@ class Study:
     def run(self) -> list[dict]:
         """Every stage in order; the tables after every finished round of stages, the plots at
         the end. Returns the rows."""
-        from pruning.study.report import rows_of, write_outputs
-
         self.prepare()
         stages = self.stages()
         self.progress = Progress(self.config.name, len(stages), self.progress.stream)
