@@ -4,7 +4,9 @@ widths 0 and 1e-7 .. 1e-3 around random points (and on kinks), and on wide boxes
 sampled points and box corners -- of onnxruntime on a one-node ONNX model built with
 onnx.helper, of torch in float32, and the float64 value -- lies inside the IBP and CROWN bounds
 that the pass (verifier/bounds/floating.py) produces, computed in float32 and in float64; graphs
-mixing these ops are no longer refused in mode "sound" and their bounds hold likewise.
+mixing these ops are no longer refused in mode "sound" and their bounds hold likewise; one
+backward step with any alpha holds within its float error; the gains bound perturbations and
+coefficients; the per-end errors (``float_error_ends``) hold for the runtime.
 
 The libm rule (relax.LIBM_ERROR = 16 u |f|) was set against these measurements, 2 * 10^6 points
 per range, error / (u |y|): onnxruntime 1.32 exp 1.3, log 3.8, sqrt and 1/x 1.0, sin and cos 2.9
@@ -26,7 +28,6 @@ from verifier.ops import Bounds, ElementwiseAffine, Linear, Rearrange, constant
 from verifier.ops.bilinear import MatMul, Mul
 from verifier.ops.elementwise import Cos, Exp, Log, Pow, Reciprocal, Sin, Sqrt
 from verifier.ops.piecewise import Clip, Floor, LeakyReLU, Maximum, Minimum, Sign
-from verifier.ops.relax import LIBM_ERROR
 from verifier.ops.rounding import Rounding
 from verifier.ops.softmax import Softmax
 
@@ -53,7 +54,8 @@ CASES = {
     "pow_1.5": (lambda: Pow(1.5), "Pow", {}, [_f(1.5)], [(6,)], (0.2, 10.0), [1.0], 0.1),
     "sin": (Sin, "Sin", {}, [], [(6,)], (-100.0, 100.0), [0.0, math.pi / 2, 1000.0], 3.0),
     "cos": (Cos, "Cos", {}, [], [(6,)], (-100.0, 100.0), [0.0, math.pi, 1000.0], 3.0),
-    "leaky_relu": (lambda: LeakyReLU(float(_f(0.1)[0])), "LeakyRelu", {"alpha": 0.1}, [], [(6,)], (-5.0, 5.0), [0.0], 4.0),
+    "leaky_relu": (lambda: LeakyReLU(float(_f(0.1)[0])), "LeakyRelu", {"alpha": 0.1}, [], [(6,)], (-5.0, 5.0),
+                   [0.0], 4.0),
     "clip": (lambda: Clip(-1.0, 2.0), "Clip", {}, [_f(-1.0), _f(2.0)], [(6,)], (-4.0, 4.0), [-1.0, 2.0], 4.0),
     "sign": (Sign, "Sign", {}, [], [(6,)], (-2.0, 2.0), [0.0], 2.0),
     "floor": (Floor, "Floor", {}, [], [(6,)], (-5.0, 5.0), [1.0, -2.0], 3.0),
@@ -267,7 +269,8 @@ STEP_CASES = {
     "exp": (Exp, [(6,)], (-5.0, 5.0)), "log": (Log, [(6,)], (0.1, 20.0)), "sqrt": (Sqrt, [(6,)], (0.1, 20.0)),
     "reciprocal": (Reciprocal, [(6,)], (0.1, 20.0)), "pow3": (lambda: Pow(3), [(6,)], (-4.0, 4.0)),
     "sin": (Sin, [(6,)], (-20.0, 20.0)), "cos": (Cos, [(6,)], (-20.0, 20.0)),
-    "leaky_relu": (lambda: LeakyReLU(0.25), [(6,)], (-3.0, 3.0)), "clip": (lambda: Clip(-1.0, 2.0), [(6,)], (-4.0, 4.0)),
+    "leaky_relu": (lambda: LeakyReLU(0.25), [(6,)], (-3.0, 3.0)),
+    "clip": (lambda: Clip(-1.0, 2.0), [(6,)], (-4.0, 4.0)),
     "sign": (Sign, [(6,)], (-2.0, 2.0)), "floor": (Floor, [(6,)], (-5.0, 5.0)),
     "mul": (Mul, [(6,), (1,)], (-3.0, 3.0)), "max": (Maximum, [(6,), (6,)], (-3.0, 3.0)),
     "min": (Minimum, [(1,), (6,)], (-3.0, 3.0)), "matmul": (MatMul, [(3, 4), (4, 2)], (-3.0, 3.0)),
@@ -314,3 +317,72 @@ def test_one_backward_step_holds_within_its_float_error_for_any_alpha(name, widt
         f"{float((lower - objective).max()):.3g}"
     assert bool((objective <= upper).all()), f"{name} width {width}: an upper bound is below A . f(x) by " \
         f"{float((objective - upper).max()):.3g}"
+
+
+@pytest.mark.parametrize("name", list(STEP_CASES))
+def test_float_gains_bound_perturbations_and_coefficients(name):
+    """``float_gain``: |f(x + d) - f(x)| <= gain(|d|) for x in the box and |d| <= e (the box
+    widened by e within the domain); ``float_coefficient_gain``: sum |A_in| . m <= |A| . G(m) for
+    the coefficients of a backward step with random alpha. Both given the input bounds; float64."""
+    factory, shapes, (low, high) = STEP_CASES[name]
+    gen = torch.Generator().manual_seed(sum(map(ord, name)))
+    op = factory().cast(torch.device("cpu"), torch.float64)
+    width = 0.05 * (high - low)
+    centres = [low + 2 * width + (high - low - 4 * width) * torch.rand((2, *s), generator=gen, dtype=torch.float64)
+               for s in shapes]
+    bs = [Bounds(c - width, c + width) for c in centres]
+    errors = [width * torch.rand(c.shape, generator=gen, dtype=torch.float64) for c in centres]
+    gain = op.float_gain(*errors, inputs=bs)
+    for _ in range(200):
+        xs = [b.lower + (b.upper - b.lower) * torch.rand(b.lower.shape, generator=gen, dtype=torch.float64) for b in bs]
+        ds = [e * (2 * torch.rand(e.shape, generator=gen, dtype=torch.float64) - 1) for e in errors]
+        moved = op.forward(*[x + d for x, d in zip(xs, ds)]) - op.forward(*xs)
+        assert bool((moved.abs() <= gain).all()), f"{name}: |f(x + d) - f(x)| above float_gain"
+    out = op.forward(*[b.lower for b in bs])
+    A = torch.randn((2, 8, *out.shape[1:]), generator=gen, dtype=torch.float64)
+    kwargs = {}
+    if getattr(op, "optimisable", False):
+        kwargs = {"alpha_l": torch.rand(A.shape, generator=gen, dtype=torch.float64),
+                  "alpha_u": torch.rand(A.shape, generator=gen, dtype=torch.float64)}
+    magnitudes = [torch.rand(c.shape, generator=gen, dtype=torch.float64) for c in centres]
+    G = op.float_coefficient_gain(*magnitudes, inputs=bs)
+    result = op.backward(A, A, *bs, **kwargs)
+    for side in range(2):
+        reached = sum((A_in[side].abs() * m.unsqueeze(1)).flatten(2).sum(-1)
+                      for A_in, m in zip(result.input_A, magnitudes))
+        allowed = (A.abs() * G.unsqueeze(1)).flatten(2).sum(-1)
+        assert bool((reached <= allowed).all()), f"{name}: |A_in| . m above |A| . float_coefficient_gain(m)"
+
+
+ENDS_CASES = ["exp", "log", "sqrt", "reciprocal", "pow3", "pow2", "pow_minus2", "pow_1.5", "sin", "cos",
+              "leaky_relu", "mul", "softmax"]
+
+
+@pytest.mark.parametrize("name", ENDS_CASES)
+def test_per_end_errors_hold_for_the_runtime(sessions, name):
+    """``float_error_ends`` (errors relative to each end of the IBP bounds, for a widening that
+    keeps a small positive end positive, e.g. exp before log): the op's IBP ends, in float32,
+    moved out by our IBP's and the runtime's error at that end, contain onnxruntime's, torch's
+    float32 and float64 outputs, with zero tolerance; each is at most ``float_error``."""
+    op = CASES[name][0]()
+    graph32, graph64 = _graph(name, torch.float32), _graph(name, torch.float64)
+    fm = graph32.float_model
+    gen = torch.Generator().manual_seed(sum(map(ord, name)) + 1)
+    shapes = CASES[name][4]
+    for lower, upper, where in _boxes(name, gen):
+        values = _values(name, graph32, graph64, sessions[name], _points(lower, upper, gen))
+        inputs, start = [], 0
+        for s in shapes:
+            n = _numel(s)
+            inputs.append(Bounds(lower[start:start + n].reshape(1, *s), upper[start:start + n].reshape(1, *s)))
+            start += n
+        with torch.no_grad():
+            out = op.ibp(*inputs)
+            own, runtime = op.float_error_ends(inputs, fm.own_ibp), op.float_error_ends(inputs, fm.runtime)
+            for ends, rounding in ((own, fm.own_ibp), (runtime, fm.runtime)):
+                symmetric = op.float_error(inputs, rounding)
+                assert bool((ends.lower <= symmetric).all() & (ends.upper <= symmetric).all())
+            # moved out in float64 (exact enough: 1e-16 of the float32 widening tested)
+            low = out.lower.double() - own.lower.double() - runtime.lower.double()
+            high = out.upper.double() + own.upper.double() + runtime.upper.double()
+        _assert_inside(low, high, values, f"{name} {where} per-end IBP")

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..errors import UnsupportedOperatorError
 from .base import BackwardResult, Bounds, Op, contract, magnitude
-from .relax import GROW, MARGIN_ULPS, TINY_FLOORS, finite, project, tiny, unbroadcast
+from .relax import GROW, MARGIN_ULPS, TINY_FLOORS, finite, project, relative_ends, tiny, unbroadcast
 
 DEFAULT_ALPHA = 0.5
 
@@ -101,15 +101,22 @@ class Mul(Op):
         products (gamma_2 P each) and r broadcast entries (gamma_r); the bias terms (<= P (1 +
         the margin)) sum 5 products and then the node (gamma_{numel + 6})."""
         bx, by = inputs
+        if not rounding.backward:
+            return torch.maximum(*self.float_error_ends(inputs, rounding))
         P = magnitude(bx) * magnitude(by)
         floor = TINY_FLOORS * tiny(P)
-        if not rounding.backward:
-            return finite(GROW * rounding.unit * P + floor)
         numel = P[0].numel()
         r = max(numel // max(1, bx.lower[0].numel()), numel // max(1, by.lower[0].numel()))
         bias = 1 + rounding.gamma(2) + MARGIN_ULPS * torch.finfo(P.dtype).eps   # |bias term| / (|A| P)
         error = P * (3 * rounding.gamma(2) + 2 * rounding.gamma(r + 1) + rounding.gamma(numel + 6) * bias)
         return finite(GROW * error + floor)
+
+    def float_error_ends(self, inputs, rounding) -> Optional[Bounds]:
+        """Per end (``relax.relative_ends``): a product rounds relative to itself."""
+        if rounding.backward:
+            return None
+        out = self.ibp(*inputs)
+        return relative_ends(out, rounding.unit, TINY_FLOORS * tiny(out.lower))
 
     def float_gain(self, *errors, inputs=None):
         """|x' y' - x y| <= |y| d_x + |x| d_y + d_x d_y; without ``inputs`` no finite bound."""

@@ -21,8 +21,9 @@ import torch
 from torch import Tensor
 
 from .base import Bounds, Op, magnitude
-from .relax import (GROW, LIBM_ABSOLUTE, Lines, Relaxed, check_domain, chord_slope, finite, finite_slope,
-                    fit_intercepts, libm_error, line_step_error, project, widen)
+from .relax import (GROW, LIBM_ABSOLUTE, LIBM_ERROR, TINY_FLOORS, Lines, Relaxed, check_domain, chord_slope,
+                    finite, finite_slope, fit_intercepts, line_step_error, project, relative_ends,
+                    tiny, widen)
 
 
 class _Smooth(Relaxed, Op):
@@ -107,14 +108,23 @@ class _Smooth(Relaxed, Op):
 
     def float_error(self, inputs, rounding):
         """A runtime's f and our IBP's f at the ends: libm's error (relax.LIBM_ERROR u |f|, and
-        Pow's multiplications) of results as large as F = max |f| over the box. A backward step:
+        Pow's multiplications) of results as large as max |f| over the box (the larger of
+        ``float_error_ends``). A backward step:
         ``relax.line_step_error`` with the slope bound (``slope_bound``); the lines themselves
         carry fit_intercepts' margin against the rounding of f and k x. (N, *shape)."""
         b = inputs[0]
-        F = magnitude(self.ibp(b))
         if not rounding.backward:
-            return finite(libm_error(rounding, F, self.absolute_error) + self.extra_relative_error(rounding) * F)
-        return line_step_error(rounding, magnitude(b), F, GROW * self.slope_bound(b))
+            return torch.maximum(*self.float_error_ends(inputs, rounding))
+        return line_step_error(rounding, magnitude(b), magnitude(self.ibp(b)), GROW * self.slope_bound(b))
+
+    def float_error_ends(self, inputs, rounding) -> Optional[Bounds]:
+        """``float_error`` of a forward or IBP step at each end of the IBP bounds (the libm error
+        is relative: ``relax.relative_ends``); None for a backward step."""
+        if rounding.backward:
+            return None
+        out = self.ibp(inputs[0])
+        relative = LIBM_ERROR * rounding.unit + self.extra_relative_error(rounding)
+        return relative_ends(out, relative, rounding.unit * self.absolute_error + TINY_FLOORS * tiny(out.lower))
 
     def float_gain(self, *errors, inputs=None):
         """|f(x + d) - f(x)| <= max |f'| over the box widened by d, times d; without ``inputs``
@@ -294,6 +304,9 @@ class _Periodic(_Smooth):
     def slope_bound(self, b):
         """|f'| <= 1, and the chord as computed (which rounding can push past 1 on a tiny box)."""
         return chord_slope(self.f, self.df, b.lower, b.upper).abs().clamp(min=1.0)
+
+    def float_gain(self, *errors, inputs=None):
+        return errors[0] * GROW   # 1-Lipschitz (|f'| is not monotone on a box: no tighter rule here)
 
     def base_points(self, k: Tensor) -> tuple[Tensor, Tensor]:
         """The two solutions of f'(c) = k (|k| <= 1) in one period."""

@@ -11,9 +11,8 @@ functions Sign and Floor get lines from their one-sided limits at the jumps.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +21,7 @@ from torch import Tensor
 from ..errors import ModelValueError
 from .base import BackwardResult, Bounds, Op, contract, magnitude
 from .relax import (GROW, TINY_FLOORS, Lines, Relaxed, chord_slope, finite, finite_slope, fit_intercepts,
-                    line_step_error, per_spec, project, tiny, unbroadcast)
+                    line_step_error, per_spec, project, relative_ends, tiny, unbroadcast)
 
 
 def _into(point: Tensor, l: Tensor, u: Tensor) -> Tensor:
@@ -112,9 +111,16 @@ class LeakyReLU(Relaxed, Op):
         b = inputs[0]
         m = magnitude(b)
         if not rounding.backward:
-            return finite(rounding.unit * abs(self.slope) * m + TINY_FLOORS * tiny(m))
+            return torch.maximum(*self.float_error_ends(inputs, rounding))
         slopes = GROW * _line_slopes(self.relaxation(b)).clamp(min=max(1.0, abs(self.slope)))
         return line_step_error(rounding, m, magnitude(self.ibp(b)), slopes)
+
+    def float_error_ends(self, inputs, rounding) -> Optional[Bounds]:
+        """Per end (``relax.relative_ends``): ``slope * x`` rounds relative to itself."""
+        if rounding.backward:
+            return None
+        out = self.ibp(inputs[0])
+        return relative_ends(out, rounding.unit, TINY_FLOORS * tiny(out.lower))
 
     def float_gain(self, *errors, inputs=None):
         return _gain_of_slope(max(1.0, abs(self.slope)), errors[0])

@@ -183,10 +183,13 @@ def finite(error: Tensor) -> Tensor:
     return error.nan_to_num(nan=big, posinf=big).clamp(min=0, max=big)
 
 
-def libm_error(rounding, values: Tensor, absolute: float = 0.0) -> Tensor:
-    """A runtime's (or our torch's) error of an elementwise libm function with results of
-    magnitude at most ``values`` (N, *shape): LIBM_ERROR u |f| + absolute u + the underflow floor."""
-    return rounding.unit * (LIBM_ERROR * values + absolute) + TINY_FLOORS * tiny(values)
+def relative_ends(out: Bounds, relative: float | Tensor, absolute: float | Tensor) -> Bounds:
+    """Errors at each end of ``out`` (forward / IBP) for a computation within ``relative |y| +
+    absolute`` of every real value y: ``y - relative |y|`` is increasing in y (relative < 1), so
+    the lowest runtime value is within ``relative |lower| + absolute`` of ``lower`` (likewise the
+    highest), a much smaller widening of a small end than the symmetric ``float_error``."""
+    return Bounds(finite(GROW * relative * out.lower.abs() + absolute),
+                  finite(GROW * relative * out.upper.abs() + absolute))
 
 
 def line_step_error(rounding, m: Tensor, values: Tensor, slopes: Tensor) -> Tensor:

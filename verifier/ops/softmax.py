@@ -27,6 +27,7 @@ of K terms, relative ``eps (K + 2 + max u - l_i)``).
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -168,6 +169,18 @@ class Softmax(Op):
             numel = b.lower[0].numel()
             error = (rounding.gamma(2 * K + 2) + rounding.unit) * weights + rounding.gamma(numel + 2) * intercepts
             return finite(GROW * error + floor).movedim(-1, axis)
+        return self.float_error_ends(inputs, rounding).upper
+
+    def float_error_ends(self, inputs, rounding) -> Optional[Bounds]:
+        """``float_error`` of a forward or IBP step at each end: relative to IBP's lower and upper
+        bound of the output; None for a backward step."""
+        if rounding.backward:
+            return None
+        b = inputs[0]
+        axis = self._axis(b.lower)
+        l, u = (t.movedim(axis, -1) for t in b)
+        K = l.shape[-1]
+        live = u > float("-inf")
         top = torch.where(live, u, float("-inf")).amax(-1, keepdim=True)
         bottom = torch.where(live, l, float("inf")).amin(-1, keepdim=True)
         spread = (top - bottom).clamp(min=0)
@@ -177,9 +190,10 @@ class Softmax(Op):
             relative = 2 * (LIBM_ERROR + spread) * unit + rounding.gamma(K + 2)
         else:
             relative = 8 * unit * (K + 8 + spread + 2 * M)
-        s_high = self.ibp(b).upper.movedim(axis, -1)
-        error = torch.where(live, GROW * relative * s_high, 0.0) + K * floor
-        return finite(error).movedim(-1, axis)
+        out = self.ibp(b)
+        floor = K * TINY_FLOORS * tiny(l)
+        ends = [torch.where(live, GROW * relative * end.movedim(axis, -1), 0.0) + floor for end in out]
+        return Bounds(*(finite(e).movedim(-1, axis) for e in ends))
 
     def float_gain(self, *errors, inputs=None):
         """|s_i(x + d) - s_i(x)| <= max_j d_j / 2: the row sums of |ds_i / dx_j| = s_i (delta_ij
