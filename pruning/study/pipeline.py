@@ -398,12 +398,20 @@ class Study:
         return self._verify_images(job, todo, self.config.verify.timeout, "verify")
 
     def reverify(self, job: ModelJob) -> bool | None:
-        """The first pass's timeouts again at ``verify.retry_timeout`` (once per image)."""
+        """The first pass's timeouts again at ``verify.retry_timeout`` (once per image), and
+        the images that failed under a smaller ``verify.memory_limit_gb`` than the current one
+        (a rerun on a bigger machine with a larger cap verifies them)."""
         retry = self.config.verify.retry_timeout
+        cap = self.config.verify.memory_limit_gb
         todo = []
         for i in range(self.config.verify.images):
             record = read_json(self.layout.verdict(job, i))
-            if record and record["verdict"] == "timeout" and record["timeout"] < retry:
+            if not record:
+                continue
+            if record["verdict"] == "timeout" and record["timeout"] < retry:
+                todo.append(i)
+            elif record["verdict"] == "error" and record.get("memory_limit_gb") is not None \
+                    and (cap is None or record["memory_limit_gb"] < cap):
                 todo.append(i)
         return self._verify_images(job, todo, retry, "reverify")
 
@@ -424,6 +432,7 @@ class Study:
             path = self.layout.verdict(job, i)
             previous = read_json(path)
             record = verifier.verify(images, i, timeout, path.with_suffix(".jsonl"))
+            record["memory_limit_gb"] = self.config.verify.memory_limit_gb
             if previous is not None:  # a retry keeps the first pass's verdict and time
                 record.update(first_verdict=previous["verdict"],
                               first_seconds=previous["seconds"],
