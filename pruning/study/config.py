@@ -21,6 +21,10 @@ Every default follows the paper (Li et al., TMLR 2023; VITA-Group/CertifiedPruni
 layers only, one global threshold, unstructured methods 20 % × 16 rounds, channel methods
 11 % × 12 rounds, rewinding the whole state to the epoch-1 state after every round, every
 round verified.
+
+Unknown keys, wrong types and impossible values are one-line ``PruningError``s naming the file
+and the key (an unreadable or missing file is a ``PruningFileError``). ``StudyConfig.quick()``
+applies the ``[quick]`` table (and small defaults).
 """
 from __future__ import annotations
 
