@@ -45,11 +45,15 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         text = action.help or ""
         if "%(default)" in text or "default" in text.lower():
             return text
-        if action.default is None or action.default is False or action.default is argparse.SUPPRESS \
-                or action.default == []:
-            return text
+        # a parser that replaces defaults by a sentinel (to tell given flags apart) keeps the
+        # real one to show in ``action.shown_default``
+        key = "shown_default" if hasattr(action, "shown_default") else "default"
+        default = getattr(action, key)
+        if default is False or default == [] or default is argparse.SUPPRESS \
+                or not isinstance(default, (str, int, float, tuple, list, os.PathLike)):
+            return text   # None, SUPPRESS, flags, sentinels: nothing to show
         if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
-            return text + " (default: %(default)s)"
+            return (text.rstrip() + f" (default: %({key})s)").lstrip()
         return text
 
 
@@ -60,11 +64,22 @@ class CommandParser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
+    def add_argument(self, *args, **kwargs):
+        # argparse prints nothing, default included, for an option without help: a placeholder
+        # lets HelpFormatter show the default (``missing_help`` still reports the option)
+        missing = not kwargs.get("help") and kwargs.get("help") is not argparse.SUPPRESS
+        if missing:
+            kwargs["help"] = "(undocumented)"
+        action = super().add_argument(*args, **kwargs)
+        action.help_missing = missing
+        return action
+
 
 def missing_help(parser: argparse.ArgumentParser) -> list[str]:
     """Options and arguments of ``parser`` without help text (for tests of every subcommand)."""
     return [(a.option_strings or [a.dest])[0] for a in parser._actions
-            if not a.help and not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))]
+            if (getattr(a, "help_missing", False) or not (a.help or "").strip())
+            and not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))]
 
 
 def _entry_points() -> dict:
