@@ -21,9 +21,9 @@ import torch
 from torch import Tensor
 
 from .base import Bounds, Op, magnitude
-from .relax import (GROW, LIBM_ABSOLUTE, LIBM_ERROR, TINY_FLOORS, Lines, Relaxed, check_domain, chord_slope,
-                    finite, finite_slope, fit_intercepts, line_step_error, project, relative_ends,
-                    tiny, widen)
+from .relax import (GROW, LIBM_ABSOLUTE, LIBM_ERROR, PERIODIC_EXACT_RANGE, TINY_FLOORS, Lines, Relaxed,
+                    check_domain, chord_slope, finite, finite_slope, fit_intercepts, line_step_error, project,
+                    relative_ends, tiny, widen)
 
 
 class _Smooth(Relaxed, Op):
@@ -304,6 +304,15 @@ class _Periodic(_Smooth):
     def slope_bound(self, b):
         """|f'| <= 1, and the chord as computed (which rounding can push past 1 on a tiny box)."""
         return chord_slope(self.f, self.df, b.lower, b.upper).abs().clamp(min=1.0)
+
+    def float_error_ends(self, inputs, rounding):
+        """As for every libm function, but past ``relax.PERIODIC_EXACT_RANGE`` (float32 inputs
+        are integers there; SLEEF documents any value of [-1, 1] past 1e28) any value: 2."""
+        ends = super().float_error_ends(inputs, rounding)
+        if ends is None:
+            return None
+        far = magnitude(inputs[0]) > PERIODIC_EXACT_RANGE
+        return Bounds(*(torch.where(far, 2.0, e) for e in ends))
 
     def float_gain(self, *errors, inputs=None):
         return errors[0] * GROW   # 1-Lipschitz (|f'| is not monotone on a box: no tighter rule here)

@@ -156,14 +156,20 @@ def unbroadcast(A: Tensor, shape: torch.Size) -> Tensor:
 # A libm-grade elementwise function (exp, log, sqrt, 1/x, pow, sin, cos) is taken to be within
 # LIBM_ERROR u |f(x)| (+ LIBM_ABSOLUTE u for sin and cos, + TINY_FLOORS smallest normals for
 # results that underflow or are flushed to zero) of the real value, u the unit roundoff: 8 ulps
-# (an ulp of y is at most 2 u |y|). Sources: glibc's "Known Maximum Errors in Math Functions"
-# (<= 2 ulps for expf, logf, sinf, cosf, powf on x86_64), SLEEF's u10 functions that torch's CPU
-# kernels call (<= 1.0 ulp), the CUDA C Programming Guide's table of single-precision functions
+# (an ulp of y is at most 2 u |y|). Sources: the glibc manual, "Known Maximum Errors in Math
+# Functions" (sourceware.org/glibc/manual/2.39/html_node/Errors-in-Math-Functions.html: a few
+# ulps, <= 2 for expf, logf, sinf, cosf, powf on x86_64); SLEEF's reference for the u10 functions
+# that torch's CPU kernels call (1.0 ulp; sinf / cosf only for |x| <= 1e28, beyond which "an
+# arbitrary value within [-1, 1] is returned": sin and cos therefore allow any value of [-1, 1]
+# past PERIODIC_EXACT_RANGE); the CUDA C Programming Guide's table of single-precision functions
 # (<= 4 ulps: powf; sqrtf and 1/x correctly rounded by default). Measured on 2 * 10^6 points per
 # range (tests/test_float_nonlinear_ops.py states the figures): onnxruntime 1.32 (Eigen / MLAS)
 # <= 3.8 u |y| (Log), torch 2.14 on CPU <= 1.6 u |y|; sin / cos <= 2.9 u |y| up to |x| = 1e7.
+# Overflow is outside the model: a runtime value that overflows to inf lies outside every finite
+# bound (our float32 bounds are then infinite too; float64 bounds of such a network are not).
 LIBM_ERROR = 16.0
 LIBM_ABSOLUTE = 4.0
+PERIODIC_EXACT_RANGE = 2.0 ** 23   # |x| up to which sin / cos are trusted to LIBM_ERROR
 TINY_FLOORS = 2.0
 # Quantities that the rules bound by evaluating f, f' or products in floating point are taken
 # a little larger than computed (1 + 2^-10 covers a few roundings at any u <= 2^-11).
