@@ -191,15 +191,24 @@ def confirm_result_file(inst, bench: Path, out: Path) -> str:
     return f"{margin:.6g}"
 
 
-def write_answers(work: Path, out: Path, bench: Path, engine: str) -> None:
+def write_answers(work: Path, out: Path, benches: list[Path], engine: str) -> None:
     """answers.csv (REFERENCE.csv's leading columns, then how each answer was established) and
     counterexamples/<property>.npy (the float32 input of every sat answer)."""
     import shutil
-    attacks, verdicts, checks = read_rows(work / "attack.csv"), read_rows(bench), read_rows(work / "crosscheck.csv")
+    attacks, checks = read_rows(work / "attack.csv"), read_rows(work / "crosscheck.csv")
+    verdicts: dict[tuple[str, str], tuple[dict, Path]] = {}    # the first decided row over the runs
+    for run in benches:
+        for key, row in read_rows(run).items():
+            earlier = verdicts[key][0]["result"] if key in verdicts else None
+            if earlier in ("sat", "unsat") and row["result"] in ("sat", "unsat") and row["result"] != earlier:
+                raise SystemExit(f"{key}: {run} says {row['result']}, an earlier run {earlier}")
+            if earlier not in ("sat", "unsat"):
+                verdicts[key] = (row, run)
     rows = []
     for inst in instances(out):
         key = (inst.onnx, inst.vnnlib)
-        attack, verdict, check = attacks.get(key), verdicts.get(key), checks.get(key)
+        attack, check = attacks.get(key), checks.get(key)
+        verdict, bench = verdicts.get(key, (None, None))
         answer, how, margin = "unknown", [], ""
         if attack and attack["result"] == "sat":
             answer, margin = "sat", attack["ort_margin"]
@@ -215,7 +224,8 @@ def write_answers(work: Path, out: Path, bench: Path, engine: str) -> None:
                 how.append("its counterexample confirmed here by onnxruntime")
             answer = verdict["result"]
             commit = engine or verdict["commit"]
-            how.append(f"certiprune verify {commit} ({float(verdict['seconds']):.0f} s)")
+            how.append(f"certiprune verify {commit} ({float(verdict['seconds']):.0f} s of "
+                       f"{float(verdict['timeout']):.0f})")
         if check and check["result"] in ("sat", "unsat"):
             if answer != "unknown" and check["result"] != answer:
                 raise SystemExit(f"{key}: cross-check {check['result']} contradicts {answer}")
@@ -238,8 +248,9 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default="runs/nonlinear", help="checkpoints and per-stage CSVs")
     parser.add_argument("--out", default=str(SUITE_DIR), help="the suite folder (committed)")
     parser.add_argument("--models", nargs="*", help="only these suite models (train, export)")
-    parser.add_argument("--bench", default="runs/bench/nonlinear_before.csv",
-                        help="answers: the `certiprune bench` results whose sat / unsat verdicts count")
+    parser.add_argument("--bench", nargs="+", default=["runs/bench/nonlinear_before.csv"],
+                        help="answers: `certiprune bench` results whose sat / unsat verdicts count "
+                             "(a conflict between them stops the stage)")
     parser.add_argument("--engine", default="", help="answers: the verifier's commit when the bench rows "
                                                      "say 'unknown' (a run from an exported tree)")
     parser.add_argument("--restarts", type=int, default=StrongPGD.restarts, help="attack: random starts")
@@ -261,7 +272,7 @@ def main(argv=None) -> int:
     elif args.stage == "attack":
         run_attacks(work, out, StrongPGD(restarts=args.restarts, steps=args.steps))
     else:
-        write_answers(work, out, Path(args.bench), args.engine)
+        write_answers(work, out, [Path(b) for b in args.bench], args.engine)
     return 0
 
 
