@@ -389,3 +389,26 @@ def test_per_end_errors_hold_for_the_runtime(sessions, name):
             low = out.lower.double() - own.lower.double() - runtime.lower.double()
             high = out.upper.double() + own.upper.double() + runtime.upper.double()
         _assert_inside(low, high, values, f"{name} {where} per-end IBP")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("chain, low, high", [
+    ((Exp, Log), -20.0, 3.0),                      # exp's small positive lower end stays > 0
+    ((lambda: Pow(2.0), Sqrt), -1.0, 1.0),         # x^2 is >= 0 in every arithmetic
+])
+def test_sound_ibp_keeps_a_nonnegative_function_inside_the_next_ops_domain(chain, low, high, dtype):
+    """Sound widening is per end (relative to f at that end) and stops at the op's floor, so a
+    Log after Exp or a Sqrt after a square is not refused on a wide box; the bounds still hold for
+    the float32 and float64 values of the chain at sampled points and at the box's ends."""
+    first, second = chain
+    nodes = [Node("x", None, (), (4,)), Node("f", first(), (0,), (4,), "f"), Node("g", second(), (1,), (4,), "g")]
+    graph = BoundGraph(nodes, 2).cast(torch.device("cpu"), dtype)
+    attach(graph, make_float_model(graph, "sound", torch.device("cpu"), dtype))
+    box = Bounds(torch.full((1, 4), low, dtype=dtype), torch.full((1, 4), high, dtype=dtype))
+    out = ibp_bounds(graph, box)[graph.output]
+    assert bool((out.lower <= out.upper).all())
+    x = torch.cat([torch.linspace(low, high, 4001, dtype=torch.float64), torch.tensor([low, high], dtype=torch.float64)])
+    x = x.reshape(-1, 1).expand(-1, 4)
+    for sample_dtype in (torch.float32, torch.float64):
+        y = graph.forward(x.to(sample_dtype)).to(dtype)
+        assert bool((y >= out.lower).all()) and bool((y <= out.upper).all())

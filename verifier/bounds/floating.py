@@ -190,6 +190,29 @@ def local_error(graph, fm: FloatModel, index: int, inputs: list, step: str = "ba
     return own + runtime
 
 
+def widen_ibp_step(graph, fm: FloatModel, index: int, b: Bounds, inputs: list) -> Bounds:
+    """IBP bounds ``b`` (N, *shape) of node ``index``, computed from ``inputs`` (Bounds that hold
+    for real and runtime values), widened by our own rounding of the step and the runtime's error.
+    An op offering ``float_error_ends`` (errors relative to each end: a monotone function's
+    runtime value at the lower end is within a few ulps of f(lower), not of max |f|) is widened
+    per end; then an op whose every value is >= ``op.floor`` (Exp, Sqrt, even powers: true of the
+    real function and of any runtime's) has its lower end raised to that floor, so a small
+    positive end is not widened across 0 into the domain error of a Log or Sqrt that follows."""
+    op = graph.nodes[index].op
+    unit = fm.own.unit
+    ends = getattr(op, "float_error_ends", None)
+    own = ends(inputs, fm.own_ibp) if ends is not None else None
+    runtime = ends(inputs, fm.runtime) if own is not None else None
+    if own is not None and runtime is not None:
+        b = Bounds(_down(b.lower, own.lower + runtime.lower, unit), _up(b.upper, own.upper + runtime.upper, unit))
+    else:
+        b = _widen(b, local_error(graph, fm, index, inputs, "ibp"), unit)
+    floor = getattr(op, "floor", None)
+    if floor is not None:
+        b = Bounds(b.lower.clamp(min=floor), b.upper)
+    return b
+
+
 class PassSlack:
     """The slack of one backward pass from node ``start``, accumulated as the pass runs:
     ``sum_k |A_k| . w_k`` over the steps it takes (``step``), with ``w_k`` the local error of
@@ -213,7 +236,7 @@ class PassSlack:
             if b is None:
                 node = self.graph.nodes[i]
                 inputs = [self.value(j) for j in node.inputs]
-                b = _widen(node.op.ibp(*inputs), local_error(self.graph, self.fm, i, inputs, "ibp"), self.fm.own.unit)
+                b = widen_ibp_step(self.graph, self.fm, i, node.op.ibp(*inputs), inputs)
             self.values[i] = b
         return self.values[i]
 
@@ -395,7 +418,7 @@ def widen_ibp(graph, index: int, b: Bounds, bounds: list) -> Bounds:
         return b
     with torch.no_grad():
         node = graph.nodes[index]
-        b = _widen(b, local_error(graph, fm, index, [bounds[j] for j in node.inputs], "ibp"), fm.own.unit)
+        b = widen_ibp_step(graph, fm, index, b, [bounds[j] for j in node.inputs])
         if index == graph.output:
             b = _widen(b, (fm.own.gamma(node.numel + 4) + 3 * fm.own.unit) * magnitude(b), fm.own.unit)
     return b
