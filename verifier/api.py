@@ -15,7 +15,8 @@ from .bounds.ibp import ibp_bounds
 from .errors import DimensionMismatchError, InputFileError, UnsupportedOperatorError
 from .graph import BoundGraph
 from .io.convert import build_graph
-from .ops import Bounds, ReLU
+from .ops import Bounds
+from .ops.registry import is_leaf_module
 
 METHODS = ("ibp", "crown", "alpha-crown", "crown-ibp")
 
@@ -63,8 +64,9 @@ class BoundedModel:
             try:
                 # A bare leaf (nn.Linear, nn.Conv2d, ...) would be traced into F.linear etc.;
                 # wrapped, it stays one module whose parameters are read live.
-                leaf = fx.Tracer().is_leaf_module(self.module, "")
-                gm = fx.symbolic_trace(nn.Sequential(self.module) if leaf else self.module)
+                tracer = _Tracer()
+                root = nn.Sequential(self.module) if tracer.is_leaf_module(self.module, "") else self.module
+                gm = fx.GraphModule(root, tracer.trace(root))
             except Exception as exc:
                 raise UnsupportedOperatorError(f"{type(self.module).__name__}: torch.fx cannot trace the module: "
                                                f"{exc}") from None
@@ -157,6 +159,14 @@ class BoundedModel:
                 lower_z, upper_z = graph.removed[z].expand(lower_z, upper_z, *bounds[graph.nodes[z].inputs[0]])
             result.append((lower_z, upper_z))
         return result
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer that also keeps modules of registered classes whole
+    (``verifier.ops.register(modules=[...])``)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return is_leaf_module(m) or super().is_leaf_module(m, module_qualified_name)
 
 
 def _spec_interval(C: Tensor, out: Bounds) -> tuple[Tensor, Tensor]:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..graph import BoundGraph
-from ..ops import Bounds, ReLU
+from ..ops import Bounds
 from .crown import (Alphas, IntermediateSlopes, SplitState, crown_bounds, intersect, output_bounds, relu_lines,
                     unstable_rows)
 from .optim import Adam
@@ -34,19 +34,20 @@ class AlphaConfig:
         return self.lr if self.beta_lr is None else self.beta_lr
 
 
-def _relus_before(graph: BoundGraph, start: int) -> list[int]:
+def _optimisable_before(graph: BoundGraph, start: int) -> list[int]:
     anc = set(graph.ancestors(start))
-    return [r for r in graph.relu_nodes() if r in anc and r != start]
+    return [r for r in graph.optimisable_nodes() if r in anc and r != start]
 
 
 def init_alphas(graph: BoundGraph, starts: dict[int, int], bounds: list[Optional[Bounds]], need_upper: dict[int, bool],
                 warm: Optional[Alphas] = None) -> Alphas:
-    """One slope tensor (N, S_start, *relu_shape) per (start, relu) pair, initialised at CROWN's
-    choice (or from ``warm`` where shapes match)."""
+    """One slope tensor (N, S_start, *shape) per (start, optimisable node) pair, initialised at the
+    op's own choice (``Op.init_slopes``: CROWN's for a ReLU) or from ``warm`` where shapes match."""
     alphas: Alphas = {}
     for start, S in starts.items():
-        for r in _relus_before(graph, start):
-            _, _, lower_slope, _ = ReLU.relaxation(bounds[graph.nodes[r].inputs[0]])
+        for r in _optimisable_before(graph, start):
+            node = graph.nodes[r]
+            lower_slope = node.op.init_slopes(*(bounds[j] for j in node.inputs))
             init = lower_slope.unsqueeze(1).expand(-1, S, *lower_slope.shape[1:])
             pair = []
             for side, wanted in ((0, True), (1, need_upper[start])):
@@ -165,7 +166,7 @@ def _optimise(graph, box, C, config, need_upper, initial, splits, alphas, params
         optimizer.zero_grad()
         (-objective).backward()
         optimizer.step()
-        _project([a for pair in alphas.values() for a in pair if a is not None], betas)
+        _project(graph, alphas, betas)
     # evaluate the final iterate too: the last step may have improved it
     with torch.no_grad():
         bounds = crown_bounds(graph, box, alphas, splits, reference=best_bounds, rows=rows) \
@@ -180,10 +181,13 @@ def _optimise(graph, box, C, config, need_upper, initial, splits, alphas, params
 
 
 @torch.no_grad()
-def _project(slopes: list[Tensor], multipliers: list[Tensor]) -> None:
-    """Back into the feasible set after a step: slopes into [0, 1], multipliers to >= 0."""
-    for a in slopes:
-        a.clamp_(0, 1)
+def _project(graph: BoundGraph, alphas: Alphas, multipliers: list[Tensor]) -> None:
+    """Back into the feasible set after a step: each op's parameters by ``Op.project_slopes``
+    (a ReLU's slopes into [0, 1]), multipliers to >= 0."""
+    for (_, node), pair in alphas.items():
+        for a in pair:
+            if a is not None:
+                graph.nodes[node].op.project_slopes(a)
     for b in multipliers:
         b.clamp_(min=0)
 
@@ -214,7 +218,7 @@ def _optimise_until_proven(graph, box, C, config, initial, splits, alphas, prove
         work.optimizer.zero_grad()
         (-lb.sum()).backward()
         work.optimizer.step()
-        _project([pair[0] for pair in work.alphas.values()], list(work.splits.betas.values()))
+        _project(graph, work.alphas, list(work.splits.betas.values()))
         if int(proven.sum()) * 4 >= len(active):   # shrink once a quarter is proven: copies cost too
             work.write_back(alphas, betas)
             keep = (~proven).nonzero().squeeze(1)

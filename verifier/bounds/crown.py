@@ -18,15 +18,16 @@ import torch
 from torch import Tensor
 
 from ..graph import BoundGraph
-from ..ops import Bounds, Linear, ReLU
+from ..ops import Bounds
+from ..ops.base import LinearBound
 from .ibp import ibp_bounds
 
-# relu node -> ReLU.relaxation of its input bounds: (upper slope, upper intercept, default lower
-# slope, unstable), each (N, *shape)
-ReluLines = dict[int, tuple[Tensor, Tensor, Tensor, Tensor]]
+# node -> its op's relaxation under the current bounds (``Op.lines``: for a ReLU, upper slope,
+# upper intercept, default lower slope, unstable; each (N, *shape))
+ReluLines = dict[int, object]
 
-# (start node, relu node) -> lower-relaxation slopes for the lA side and the uA side, each
-# (N, S_start, *relu_shape) or None.
+# (start node, optimisable node) -> the op's free parameters for the lA side and the uA side,
+# each (N, S_start, *shape) or None (for a ReLU, lower-relaxation slopes).
 Alphas = dict[tuple[int, int], tuple[Optional[Tensor], Optional[Tensor]]]
 
 
@@ -111,37 +112,6 @@ def _linear_over_box(A: Tensor, center: Tensor, radius: Tensor, sign: float) -> 
     return (A * center.unsqueeze(1)).sum(-1) + sign * A.abs().mul_(radius.unsqueeze(1)).sum(-1)
 
 
-# Elements of one chunk of ``A W`` in _linear_then_box: small enough to stay in cache.
-_CHUNK_ELEMENTS = 1 << 20
-
-
-def _linear_then_box(lA: Optional[Tensor], uA: Optional[Tensor], op: Linear, box: Bounds):
-    """Bounds over the box of ``A (W x + b)`` for a Linear op applied to the input itself, without
-    materialising ``A W`` (N, S, d) at once: it is formed a chunk of samples at a time and
-    concretised at once, which is what the last step of every backward pass costs.
-    lA, uA: (N, S, out) or None; box: (N, d) -> lb, ub (N, S) or None."""
-    W = op.weight()
-    bias = op.bias() if op.bias is not None else None
-    center = ((box.upper + box.lower) / 2).flatten(1)
-    radius = ((box.upper - box.lower) / 2).flatten(1)
-
-    def bound(A: Tensor, sign: float) -> Tensor:
-        offset = 0.0 if bias is None else A.matmul(bias)
-        if A.shape[0] > 1 and A.stride(0) == 0:
-            return _linear_over_box((A[0] @ W).unsqueeze(0).expand(A.shape[0], -1, -1), center, radius, sign) + offset
-        N, S = A.shape[:2]
-        step = max(1, _CHUNK_ELEMENTS // max(1, S * W.shape[1]))
-        out = torch.empty(N, S, dtype=A.dtype, device=A.device)
-        for n in range(0, N, step):
-            AW = A[n:n + step].matmul(W)                                   # (n_c, S, d)
-            part = (AW * center[n:n + step].unsqueeze(1)).sum(-1)
-            part += sign * AW.abs_().mul_(radius[n:n + step].unsqueeze(1)).sum(-1)
-            out[n:n + step] = part
-        return out + offset
-
-    return (None if lA is None else bound(lA, -1.0)), (None if uA is None else bound(uA, 1.0))
-
-
 def _start_A(graph: BoundGraph, start: int, rows: Tensor, N: int, dtype, device):
     """Identity rows of node ``start``, rows (S,) shared or (N, S) per sample: (N, S, *shape)
     one-hot coefficients."""
@@ -155,6 +125,19 @@ def _start_A(graph: BoundGraph, start: int, rows: Tensor, N: int, dtype, device)
     return eye.reshape(1, len(rows), *shape).expand(N, len(rows), *shape)
 
 
+def _start_bound(graph: BoundGraph, start: int, rows: Tensor, N: int, box: Bounds) -> tuple[int, LinearBound]:
+    """The identity rows of node ``start`` as a linear bound: on the node itself (one-hot), or
+    on its input where its op offers ``identity_rows`` (then that node is returned)."""
+    node = graph.nodes[start]
+    if len(node.inputs) == 1:
+        direct = node.op.identity_rows(rows, N, graph.nodes[node.inputs[0]].shape)
+        if direct is not None:
+            A, bias = direct
+            return node.inputs[0], LinearBound(A, A, bias, bias)
+    A = _start_A(graph, start, rows, N, box.lower.dtype, box.lower.device)
+    return start, LinearBound(A, A)
+
+
 def backward_bound(graph: BoundGraph, start: int, lA: Optional[Tensor], uA: Optional[Tensor],
                    bounds: list[Optional[Bounds]], box: Bounds, alphas: Optional[Alphas] = None,
                    splits: Optional[SplitState] = None, start_rows: Optional[Tensor] = None,
@@ -166,42 +149,28 @@ def backward_bound(graph: BoundGraph, start: int, lA: Optional[Tensor], uA: Opti
     shared by every sample, or (N, S) rows of each sample.
     bounds: per node, Bounds (N, *shape) wherever a relaxation needs them.
     Returns lb, ub: (N, S) (None for a side not asked for). With ``record``, the lower-side
-    coefficients reaching every ReLU node (N, S, *shape) and the input (key 0) are stored there
-    (branching heuristics read them). ``lines``: ReLU relaxations computed once from ``bounds``
-    (``relu_lines``) by a caller that bounds repeatedly with the same intermediate bounds.
+    coefficients reaching every branchable node's output (N, S, *shape) and the input (key 0)
+    are stored there (branching heuristics read them). ``lines``: relaxations computed once from
+    ``bounds`` (``relu_lines``) by a caller that bounds repeatedly with the same intermediate
+    bounds. The pass names no op: each node's op propagates the bound (``Op.backward``) and
+    offers its own shortcuts (``Op.identity_rows``, ``Op.bound_over_box``).
     """
     N = box.lower.shape[0]
-    want_l, want_u = (True, True) if start_rows is not None else (lA is not None, uA is not None)
-    acc_l: dict[int, Tensor] = {}
-    acc_u: dict[int, Tensor] = {}
-    lbias: Tensor | float = 0.0
-    ubias: Tensor | float = 0.0
-    first = start
     if start_rows is not None:
-        op = graph.nodes[start].op
-        if isinstance(op, Linear) and len(graph.nodes[start].shape) == 1:
-            # identity rows of a Linear output are rows of W: skip the one-hot product
-            W = op.weight()[start_rows]
-            A = W if start_rows.dim() == 2 else W.unsqueeze(0).expand(N, *W.shape)
-            first = graph.nodes[start].inputs[0]
-            acc_l[first] = A if want_l else None
-            acc_u[first] = A if want_u else None
-            if op.bias is not None:
-                b = op.bias()[start_rows]
-                lbias = ubias = b if start_rows.dim() == 2 else b.unsqueeze(0)
-        else:
-            A = _start_A(graph, start, start_rows, N, box.lower.dtype, box.lower.device)
-            acc_l[start] = A if want_l else None
-            acc_u[start] = A if want_u else None
+        first, bound = _start_bound(graph, start, start_rows, N, box)
     else:
-        acc_l[start], acc_u[start] = lA, uA
-
+        first, bound = start, LinearBound(lA, uA)
+    want_l, want_u = bound.lA is not None, bound.uA is not None
+    pending: dict[int, LinearBound] = {first: LinearBound(bound.lA, bound.uA)}
+    total = LinearBound(None, None, bound.lbias, bound.ubias)   # constants collected on the way
+    flat_input = len(graph.input_shape) == 1
     for i in reversed(graph.ancestors(first)):
         if i == 0:
             break
-        lA_i, uA_i = acc_l.pop(i, None), acc_u.pop(i, None)
-        if lA_i is None and uA_i is None:
+        at_i = pending.pop(i, None)
+        if at_i is None or at_i.is_empty:
             continue
+        lA_i, uA_i = at_i.lA, at_i.uA
         if splits is not None and i in splits.betas and i != start:
             # beta-CROWN: min f s.t. s z >= 0  >=  min f - beta s z  (beta >= 0), so the lower
             # objective gains -beta*s on z and the upper one +beta*s
@@ -209,44 +178,64 @@ def backward_bound(graph: BoundGraph, start: int, lA: Optional[Tensor], uA: Opti
             lA_i = None if lA_i is None else lA_i - term
             uA_i = None if uA_i is None else uA_i + term
         node = graph.nodes[i]
-        if record is None and isinstance(node.op, Linear) and node.inputs == (0,) and len(graph.input_shape) == 1:
-            direct = _linear_then_box(lA_i, uA_i, node.op, box)
-            lbias = lbias if direct[0] is None else lbias + direct[0]
-            ubias = ubias if direct[1] is None else ubias + direct[1]
-            continue
-        if record is not None and isinstance(node.op, ReLU) and lA_i is not None:
+        op = node.op
+        if record is None and flat_input and node.inputs == (0,):
+            direct = op.bound_over_box(lA_i, uA_i, box)
+            if direct is not None:
+                total = total.shift(0.0 if direct[0] is None else direct[0], 0.0 if direct[1] is None else direct[1])
+                continue
+        if record is not None and op.branchable and lA_i is not None:
             record[i] = lA_i
         kwargs = {}
-        if alphas is not None and isinstance(node.op, ReLU) and (start, i) in alphas:
-            kwargs["alpha_l"], kwargs["alpha_u"] = alphas[(start, i)]
+        if alphas is not None and (start, i) in alphas:
+            kwargs["alpha"] = alphas[(start, i)]
         if lines is not None and i in lines:
             kwargs["lines"] = lines[i]
-        result = node.op.backward(lA_i, uA_i, *(bounds[j] for j in node.inputs), **kwargs)
-        lbias = lbias + result.lbias
-        ubias = ubias + result.ubias
+        result = op.backward(lA_i, uA_i, *(bounds[j] for j in node.inputs), **kwargs)
+        total = total.shift(result.lbias, result.ubias)
         for j, (l_j, u_j) in zip(node.inputs, result.input_A):
-            if l_j is not None:
-                acc_l[j] = l_j if j not in acc_l or acc_l[j] is None else acc_l[j] + l_j
-            if u_j is not None:
-                acc_u[j] = u_j if j not in acc_u or acc_u[j] is None else acc_u[j] + u_j
-    lA0, uA0 = acc_l.get(0), acc_u.get(0)
+            if l_j is not None or u_j is not None:
+                contribution = LinearBound(l_j, u_j)
+                pending[j] = contribution if j not in pending else pending[j] + contribution
+    at_input = pending.get(0, LinearBound(None, None))
+    lA0, uA0 = at_input.lA, at_input.uA
     if want_l and lA0 is None:  # no (further) dependence on the input
         lA0 = torch.zeros(N, 1, *graph.input_shape, dtype=box.lower.dtype, device=box.lower.device)
     if want_u and uA0 is None:
         uA0 = torch.zeros(N, 1, *graph.input_shape, dtype=box.lower.dtype, device=box.lower.device)
     if record is not None and lA0 is not None:
         record[0] = lA0
-    return concretize(lA0 if want_l else None, uA0 if want_u else None, lbias, ubias, box)
+    return concretize(lA0 if want_l else None, uA0 if want_u else None, total.lbias, total.ubias, box)
 
 
 def unstable_rows(graph: BoundGraph, node: int, b: Bounds) -> Tensor:
     """Flat indices of the node's neurons whose bounds a CROWN pass can still improve usefully:
-    for a ReLU input the ones unstable in some batch element; for other relaxations all."""
-    consumers = [graph.nodes[c].op for c in graph.consumers[node] if graph.nodes[c].op.nonlinear]
-    if consumers and all(isinstance(op, ReLU) for op in consumers):
-        unstable = ((b.lower < 0) & (b.upper > 0)).flatten(1).any(0)
-        return unstable.nonzero().squeeze(1)
+    those loose in some batch element (``loose_mask``: for a ReLU input the unstable ones); all
+    where a consumer cannot tell."""
+    loose = loose_mask(graph, node, b)
+    if loose is not None:
+        return loose.flatten(1).any(0).nonzero().squeeze(1)
     return torch.arange(graph.nodes[node].numel, device=b.lower.device)
+
+
+def loose_mask(graph: BoundGraph, node: int, b: Bounds) -> Optional[Tensor]:
+    """(N, *shape) bool: the neurons of ``node`` where some consumer's relaxation is not exact
+    under bounds b (``Op.loose``), or None where a consumer cannot tell (then all may be)."""
+    masks = []
+    for c in graph.consumers[node]:
+        op = graph.nodes[c].op
+        if not op.nonlinear:
+            continue
+        mask = op.loose(b) if len(graph.nodes[c].inputs) == 1 else None
+        if mask is None:
+            return None
+        masks.append(mask)
+    if not masks:
+        return None
+    out = masks[0]
+    for m in masks[1:]:
+        out = out | m
+    return out
 
 
 # Rows (sample, neuron) of one group's backward pass in _crown_per_sample_rows.
@@ -267,11 +256,13 @@ def _crown_per_sample_rows(graph: BoundGraph, node: int, b: Bounds, bounds: list
     each row (``IntermediateSlopes``; CROWN's own choice without). Returns the bounds tightened
     (before ``splits.apply``), or None when this would not save work over shared rows (then the
     caller bounds those)."""
-    consumers = [graph.nodes[c].op for c in graph.consumers[node] if graph.nodes[c].op.nonlinear]
     N = b.lower.shape[0]
-    if N == 1 or not consumers or not all(isinstance(op, ReLU) for op in consumers):
+    if N == 1:
         return None
-    unstable = ((b.lower < 0) & (b.upper > 0)).flatten(1)                # (N, numel)
+    loose = loose_mask(graph, node, b)
+    if loose is None:
+        return None
+    unstable = loose.flatten(1)                                          # (N, numel)
     counts = unstable.sum(1)
     if int(counts.sum()) >= 0.75 * N * int(unstable.any(0).sum()):
         return None
@@ -363,8 +354,15 @@ def crown_bounds(graph: BoundGraph, box: Bounds, alphas: Optional[Alphas] = None
 
 
 def relu_lines(graph: BoundGraph, bounds: list[Optional[Bounds]]) -> ReluLines:
-    """The relaxation of every ReLU under the given intermediate bounds."""
-    return {r: ReLU.relaxation(bounds[graph.nodes[r].inputs[0]]) for r in graph.relu_nodes()}
+    """The relaxation of every op that offers one to reuse (``Op.lines``) under the given
+    intermediate bounds."""
+    out = {}
+    for i, node in enumerate(graph.nodes[1:], start=1):
+        if node.op.nonlinear:
+            lines = node.op.lines(*(bounds[j] for j in node.inputs))
+            if lines is not None:
+                out[i] = lines
+    return out
 
 
 def output_bounds(graph: BoundGraph, box: Bounds, C: Tensor, bounds: list[Optional[Bounds]],

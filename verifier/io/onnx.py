@@ -8,22 +8,15 @@ import torch
 
 from ..errors import InputFileError, UnsupportedOperatorError
 from ..graph import BoundGraph
+from ..ops.registry import onnx_supported
 from .convert import build_graph
-
-# Operators that the converter can turn into bound ops, or fold when they act on constants only.
-SUPPORTED_OPS = {
-    "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Neg", "Conv", "BatchNormalization", "Relu", "Sigmoid", "Tanh",
-    "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Constant", "Pad", "Concat", "AveragePool",
-    "MaxPool", "Identity", "Dropout", "Shape", "Gather", "Slice", "Cast", "ConstantOfShape", "Expand",
-}
-
 
 def skip_torchvision_import() -> None:
     """Let onnx2torch load without torchvision, for a process that only verifies.
 
     onnx2torch imports torchvision at import time, for its NonMaxSuppression and RoiAlign
     converters only; torchvision pulls in torch._dynamo, which makes up half of the start-up of
-    every `certiprune verify` (about 1.3 s). Those operators are not in SUPPORTED_OPS, so a model
+    every `certiprune verify` (about 1.3 s). Those operators are not registered (``verifier.ops.registry``), so a model
     using them is rejected before conversion and the converters never run. Called by the CLI
     before its first ONNX load (not by the library: a user's own torchvision import must get the
     real package); does nothing if torchvision is already imported."""
@@ -86,7 +79,7 @@ def load_onnx(path: str) -> OnnxModel:
 
     model = read_onnx(path)
     for node in model.graph.node:
-        if node.domain not in ("", "ai.onnx") or node.op_type not in SUPPORTED_OPS:
+        if node.domain not in ("", "ai.onnx") or not onnx_supported(node.op_type):
             raise UnsupportedOperatorError(
                 f"{path}: node '{node.name or node.output[0]}': operator {node.op_type} is not supported")
     name, layout, batched = graph_input(model, path)

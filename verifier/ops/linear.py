@@ -44,6 +44,53 @@ class Linear(Op):
                               ubias if uA is not None else 0.0)
 
 
+    def identity_rows(self, rows: Tensor, N: int, in_shape: tuple[int, ...]):
+        """Identity rows of a 1-D output are rows of W: rows (S,) shared or (N, S) per sample ->
+        (A (N, S, in), bias (1 or N, S) or 0); None for a Linear on the last dim of a larger shape."""
+        W = self.weight()
+        if len(in_shape) != 1:
+            return None
+        A = W[rows] if rows.dim() == 2 else W[rows].unsqueeze(0).expand(N, len(rows), W.shape[1])
+        bias = 0.0
+        if self.bias is not None:
+            b = self.bias()[rows]
+            bias = b if rows.dim() == 2 else b.unsqueeze(0)
+        return A, bias
+
+    def bound_over_box(self, lA, uA, box: Bounds):
+        """Bounds over the box of ``A (W x + b)`` without materialising ``A W`` (N, S, d) at once:
+        formed a chunk of samples at a time and concretised at once, which is what the last step
+        of every backward pass costs. lA, uA: (N, S, out) or None; box: (N, d) -> lb, ub (N, S)
+        or None."""
+        if box.lower.dim() != 2:
+            return None
+        W = self.weight()
+        bias = self.bias() if self.bias is not None else None
+        center = (box.upper + box.lower) / 2
+        radius = (box.upper - box.lower) / 2
+
+        def bound(A: Tensor, sign: float) -> Tensor:
+            offset = 0.0 if bias is None else A.matmul(bias)
+            if A.shape[0] > 1 and A.stride(0) == 0:
+                A0W = A[0] @ W
+                return center @ A0W.t() + sign * (radius @ A0W.abs().t()) + offset
+            N, S = A.shape[:2]
+            step = max(1, _CHUNK_ELEMENTS // max(1, S * W.shape[1]))
+            out = torch.empty(N, S, dtype=A.dtype, device=A.device)
+            for n in range(0, N, step):
+                AW = A[n:n + step].matmul(W)                                   # (n_c, S, d)
+                part = (AW * center[n:n + step].unsqueeze(1)).sum(-1)
+                part += sign * AW.abs_().mul_(radius[n:n + step].unsqueeze(1)).sum(-1)
+                out[n:n + step] = part
+            return out + offset
+
+        return (None if lA is None else bound(lA, -1.0)), (None if uA is None else bound(uA, 1.0))
+
+
+# Elements of one chunk of ``A W`` in Linear.bound_over_box: small enough to stay in cache.
+_CHUNK_ELEMENTS = 1 << 20
+
+
 def _sum_shape(t: Tensor) -> Tensor:
     """(N, S, *rest) -> (N, S)."""
     return t.flatten(2).sum(-1) if t.dim() > 2 else t
