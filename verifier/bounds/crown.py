@@ -21,6 +21,7 @@ from ..graph import BoundGraph
 from ..ops import Bounds
 from ..ops.base import LinearBound
 from .ibp import ibp_bounds
+from .perturbation import LpBall, ball_concretize, take_rows
 
 # node -> its op's relaxation under the current bounds (``Op.lines``: for a ReLU, upper slope,
 # upper intercept, default lower slope, unstable; each (N, *shape))
@@ -93,12 +94,16 @@ class _GatheredSlopes(Mapping):
         return len(self.keys_)
 
 
-def concretize(lA: Optional[Tensor], uA: Optional[Tensor], lbias, ubias, box: Bounds):
-    """Bounds of ``A x + bias`` over the box. lA, uA: (N, S, *in_shape) -> lb, ub: (N, S)."""
+def concretize(lA: Optional[Tensor], uA: Optional[Tensor], lbias, ubias, box: Bounds | LpBall):
+    """Bounds of ``A x + bias`` over the box (or the ``LpBall``). lA, uA: (N, S, *in_shape) ->
+    lb, ub: (N, S)."""
     center = ((box.upper + box.lower) / 2).flatten(1)   # (N, d)
     radius = ((box.upper - box.lower) / 2).flatten(1)
     lb = None if lA is None else _linear_over_box(lA.flatten(2), center, radius, -1.0) + lbias
     ub = None if uA is None else _linear_over_box(uA.flatten(2), center, radius, 1.0) + ubias
+    if isinstance(box, LpBall):   # the input set is the ball within the box: the better of both
+        lb = None if lA is None else torch.maximum(lb, ball_concretize(lA, box, -1.0) + lbias)
+        ub = None if uA is None else torch.minimum(ub, ball_concretize(uA, box, 1.0) + ubias)
     return lb, ub
 
 
@@ -179,7 +184,7 @@ def backward_bound(graph: BoundGraph, start: int, lA: Optional[Tensor], uA: Opti
             uA_i = None if uA_i is None else uA_i + term
         node = graph.nodes[i]
         op = node.op
-        if record is None and flat_input and node.inputs == (0,):
+        if record is None and flat_input and node.inputs == (0,) and not isinstance(box, LpBall):
             direct = op.bound_over_box(lA_i, uA_i, box)
             if direct is not None:
                 total = total.shift(0.0 if direct[0] is None else direct[0], 0.0 if direct[1] is None else direct[1])
@@ -244,7 +249,8 @@ _GROUP_ROWS = 1 << 16
 
 def _crown_per_sample_rows(graph: BoundGraph, node: int, b: Bounds, bounds: list[Optional[Bounds]],
                            splits: Optional[SplitState] = None,
-                           slopes: Optional[IntermediateSlopes] = None) -> Optional[Bounds]:
+                           slopes: Optional[IntermediateSlopes] = None,
+                           box: Optional[Bounds | LpBall] = None) -> Optional[Bounds]:
     """CROWN on each sample's own unstable neurons of a ReLU input ``node`` rather than on every
     neuron unstable in some sample: a large batch of boxes (or of branch-and-bound subdomains)
     has nearly every neuron unstable in one of them, while each has fewer. Samples are sorted by
@@ -287,10 +293,11 @@ def _crown_per_sample_rows(graph: BoundGraph, node: int, b: Bounds, bounds: list
         gathered: list[Optional[Bounds]] = [None] * len(bounds)
         for j in ancestors:
             if bounds[j] is not None:
-                gathered[j] = Bounds(bounds[j].lower[group], bounds[j].upper[group])
+                gathered[j] = take_rows(bounds[j], group)
         group_splits = None if splits is None else SplitState(
             {z: t[group] for z, t in splits.signs.items()}, {z: t[group] for z, t in splits.betas.items()})
-        lb, ub = backward_bound(graph, node, None, None, gathered, gathered[0], splits=group_splits,
+        group_box = gathered[0] if box is None else take_rows(box, group)
+        lb, ub = backward_bound(graph, node, None, None, gathered, group_box, splits=group_splits,
                                 start_rows=rows, alphas=None if slopes is None else slopes.for_rows(node, rows))
         at = (group.unsqueeze(1), rows)
         flat_l[at] = torch.where(valid, torch.maximum(flat_l[at], lb), flat_l[at])
@@ -321,7 +328,7 @@ def crown_bounds(graph: BoundGraph, box: Bounds, alphas: Optional[Alphas] = None
     ``rows``) take precedence; without either, CROWN's choice.
     """
     needed = set(graph.needs_bounds())
-    bounds: list[Optional[Bounds]] = [box]
+    bounds: list[Optional[Bounds]] = [Bounds(box.lower, box.upper)]
     for i, node in enumerate(graph.nodes[1:], start=1):
         b = node.op.ibp(*(bounds[j] for j in node.inputs))
         if i in needed:
@@ -334,7 +341,7 @@ def crown_bounds(graph: BoundGraph, box: Bounds, alphas: Optional[Alphas] = None
             if method == "crown" and not keep_reference and not late:
                 per_sample = None
                 if rows is None and alphas is None:
-                    per_sample = _crown_per_sample_rows(graph, i, b, bounds, splits, slopes)
+                    per_sample = _crown_per_sample_rows(graph, i, b, bounds, splits, slopes, box)
                 if per_sample is not None:
                     b = per_sample if splits is None else splits.apply(i, per_sample)
                     bounds.append(b)
