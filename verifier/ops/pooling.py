@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import BackwardResult, Bounds, Op
+from .base import BackwardResult, Bounds, Op, magnitude
 
 
 class MaxPool2d(Op):
@@ -78,3 +78,27 @@ class MaxPool2d(Op):
     def cast(self, device, dtype):
         self.positions = self.positions.to(device)
         return self
+
+    # ---- float soundness (issue 26; verifier/bounds/floating.py) -------------------------------
+    def float_error(self, inputs, rounding):
+        """Forward and IBP (a max) are exact. A backward step scatters each output's coefficient
+        to one entry of its window (sums of at most K per input entry) and sums the constant
+        upper lines (<= max m over the window) over the node: gamma_{numel + K} 2 maxpool(m)."""
+        m = magnitude(inputs[0])
+        if not rounding.backward:
+            return torch.zeros_like(self.forward(m))
+        window = self.kernel[0] * self.kernel[1]
+        return 2 * rounding.gamma(m[0].numel() + window) * self.forward(m)
+
+    def float_gain(self, error):
+        return self.forward(error)   # |max x' - max x| <= max |x' - x|
+
+    def float_coefficient_gain(self, magnitudes):
+        """Each output's coefficient goes to one entry of its window: the transpose is the sum
+        over the window (zero padding)."""
+        N, C = magnitudes.shape[:2]
+        p = self.padding
+        cols = F.unfold(magnitudes.reshape(N * C, 1, *magnitudes.shape[2:]), self.kernel, dilation=self.dilation,
+                        padding=p, stride=self.stride)                      # (N C, K, L)
+        out = self.forward(magnitudes)
+        return cols.sum(1).reshape(out.shape)
