@@ -14,6 +14,7 @@ same way for their scale and shift.
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import operator
 from dataclasses import dataclass
@@ -101,8 +102,12 @@ class _Builder:
         return tuple(layout[1:]) if batched else tuple(layout)
 
     def probe(self, fn: Callable[[Tensor], Any], ref: Ref, x: Tensor) -> Tensor:
-        with torch.no_grad():
-            out = fn(x.reshape(self.layout(ref)).to(self.module_device))
+        try:
+            with torch.no_grad():
+                out = fn(x.reshape(self.layout(ref)).to(self.module_device))
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise self.fail(f"cannot be evaluated on a probe of its input ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:120]})") from None
         if not isinstance(out, Tensor):
             raise self.fail("does not produce a single tensor")
         return out.to(device="cpu", dtype=torch.float64)
@@ -145,6 +150,15 @@ class _Builder:
         squeeze = (lambda t: t[0]) if ref.batched else (lambda t: t)
         op = ElementwiseAffine(self.const(squeeze(scale)), self.const(squeeze(shift)))
         return Ref(self.add(op, (ref,), self.nodes[ref.index].shape), ref.batched)
+
+    def unbatched(self, ref: Ref) -> Ref:
+        """The value with its source layout as per-sample shape: a batched value's leading 1
+        becomes a dim of each sample (a reshape)."""
+        if not ref.batched:
+            return ref
+        shape = self.nodes[ref.index].shape
+        index = torch.arange(self.nodes[ref.index].numel)
+        return Ref(self.add(Rearrange(index, shape, (1, *shape)), (ref,), (1, *shape)), False)
 
     def linear_map(self, fn: Callable[[Tensor], Tensor], ref: Ref, max_entries: int = 1 << 24) -> Ref:
         """fn is affine in its perturbed input (ReduceSum, ReduceMean, linear Resize, ...): its
@@ -211,12 +225,17 @@ class _Builder:
     def callable_of(self, node: fx.Node, args, kwargs, ref: Ref) -> Callable[[Tensor], Tensor]:
         """The node as a function of its one perturbed argument (others fixed)."""
         def substitute(x):
-            return _replace_refs((args, kwargs), ref, x)
+            # floating constants in x's dtype: probes run in float64 (torch.matmul does not promote)
+            return _replace_refs(_cast_floats((args, kwargs), x.dtype), ref, x)
 
         def fn(x):
             a, k = substitute(x)
             if node.op == "call_module":
-                return self.modules[node.target](*a, **k)
+                module = self.modules[node.target]
+                own = next(itertools.chain(module.parameters(), module.buffers()), None)
+                if own is not None and own.is_floating_point() and own.dtype != x.dtype:
+                    module = copy.deepcopy(module).to(x.dtype)   # a probe in float64 (weights too)
+                return module(*a, **k)
             if node.op == "call_function":
                 return node.target(*a, **k)
             return getattr(a[0], node.target)(*a[1:], **k)
@@ -278,6 +297,18 @@ def _replace_refs(obj, ref: Ref, x: Tensor):
         return [_replace_refs(o, ref, x) for o in obj]
     if isinstance(obj, dict):
         return {k: _replace_refs(v, ref, x) for k, v in obj.items()}
+    return obj
+
+
+def _cast_floats(obj, dtype: torch.dtype):
+    if isinstance(obj, Tensor) and obj.is_floating_point():
+        return obj.to(dtype)
+    if isinstance(obj, tuple):
+        return tuple(_cast_floats(o, dtype) for o in obj)
+    if isinstance(obj, list):
+        return [_cast_floats(o, dtype) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _cast_floats(v, dtype) for k, v in obj.items()}
     return obj
 
 

@@ -147,19 +147,28 @@ def branch_sum(builder, name: str, kind, args) -> Ref:
     else:
         raise builder.fail("products and quotients of two perturbed values are not supported")
     a, b = args
-    if builder.nodes[a.index].shape != builder.nodes[b.index].shape or a.batched != b.batched:
-        raise builder.fail("branches of different shapes cannot be added")
+    if a.batched != b.batched:   # the same source layout, the batched one's leading 1 as a dim
+        a, b = builder.unbatched(a), builder.unbatched(b)
+    if builder.nodes[a.index].shape != builder.nodes[b.index].shape:
+        # broadcasting: each branch expanded to the common layout first (a rearrangement)
+        try:
+            out_layout = tuple(torch.broadcast_shapes(builder.layout(a), builder.layout(b)))
+        except RuntimeError:
+            raise builder.fail("branches of shapes that do not broadcast cannot be added") from None
+        a, b = (r if builder.layout(r) == out_layout else builder.rearrange(lambda x: x.expand(out_layout), r)
+                for r in (a, b))
     return Ref(builder.add(Sum(signs), (a, b), builder.nodes[a.index].shape), a.batched)
+
 
 def concat(builder, node, kind, args, kwargs) -> Ref:
     tensors = args if name_of(kind) == "OnnxConcat" else args[0]
     axis = getattr(kind, "axis", None)
     if axis is None:
         axis = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+    if len({t.batched for t in tensors if isinstance(t, Ref)}) > 1:   # mixed: all as source layouts
+        tensors = [builder.unbatched(t) if isinstance(t, Ref) else t for t in tensors]
     refs = [t for t in tensors if isinstance(t, Ref)]
     batched = refs[0].batched
-    if any(r.batched != batched for r in refs):
-        raise builder.fail("concatenating batched and unbatched tensors")
     layouts = [builder.layout(t) if isinstance(t, Ref) else tuple(t.shape) for t in tensors]
     rank = len(layouts[0])
     axis = axis % rank
@@ -201,8 +210,25 @@ def _convert_module(fn):
     return convert
 
 
+def _convert_batchnorm(builder, call: Call) -> Ref:
+    """Eval-mode BatchNorm: per channel of a batched (N, C, ...) value, with the module's live
+    statistics; of a value without a batch dim (its channel dim elsewhere), an elementwise affine
+    map found by probing (constant weights only)."""
+    ref = _one(builder, call)
+    if not ref.batched and not builder.live_params and call.kind.running_mean is not None:
+        return builder.elementwise_affine(call.fn, ref)
+    return batchnorm(builder, call.kind, ref)
+
+
 def _convert_matmul(builder, call: Call) -> Ref:
-    return matmul(builder, None, call.args, _one(builder, call))
+    if len(call.refs) > 1:   # of two perturbed values (attention): the bilinear relaxation
+        from .converters_nonlinear import convert_matmul
+        return convert_matmul(builder, call)
+    ref = _one(builder, call)
+    try:
+        return matmul(builder, None, call.args, ref)
+    except UnsupportedOperatorError:   # a constant of another rank: a linear map all the same
+        return builder.linear_map(call.fn, ref)
 
 
 def _convert_gemm(builder, call: Call) -> Ref:
@@ -213,8 +239,21 @@ def _convert_affine(builder, call: Call) -> Ref:
     """Add/Sub/Mul/Div/Neg: by constants an elementwise affine map, of two perturbed branches a
     sum or difference."""
     if len(call.refs) > 1:
+        fn = getattr(call.kind, "math_op_function", call.kind)
+        product = fn in (torch.mul, torch.div, operator.mul, operator.truediv, operator.imul, operator.itruediv) \
+            or call.name in ("mul", "mul_", "div", "div_", "truediv") or getattr(fn, "__name__", "") == "_onnx_div"
+        if product:   # of two perturbed values: the bilinear relaxation (verifier.ops.bilinear)
+            from .converters_nonlinear import convert_product
+            return convert_product(builder, call)
         return branch_sum(builder, call.name, call.kind, call.args)
-    return builder.elementwise_affine(call.fn, call.refs[0])
+    ref = call.refs[0]
+    with torch.no_grad():
+        out_layout = tuple(call.fn(torch.zeros(builder.layout(ref), device=builder.module_device)).shape)
+    if out_layout != builder.layout(ref):
+        # a constant broadcasts the perturbed value to a larger shape: expand it first (a
+        # rearrangement), then the same elementwise map applies to the expanded copy
+        ref = builder.rearrange(lambda x: x.expand(out_layout), ref)
+    return builder.elementwise_affine(call.fn, ref)
 
 
 def _convert_concat(builder, call: Call) -> Ref:
@@ -265,18 +304,6 @@ def _convert_split(builder, call: Call):
     return tuple(builder.rearrange(lambda x, k=k: call.fn(x)[k], ref) for k in range(len(outputs)))
 
 
-def _convert_pow(builder, call: Call) -> Ref:
-    """x ** p with a constant exponent: p = 1 is the identity; others need a nonlinear op."""
-    ref = _one(builder, call)
-    exponent = call.args[1] if len(call.args) > 1 else call.kwargs.get("exponent")
-    if isinstance(exponent, Ref):
-        raise builder.fail("Pow with a perturbed exponent is not supported")
-    value = torch.as_tensor(exponent, dtype=torch.float64)
-    if bool((value == 1).all()):
-        return builder.elementwise_affine(call.fn, ref)
-    raise builder.fail(f"Pow with exponent {value.flatten()[:4].tolist()} is not supported")
-
-
 def _convert_linear_map(builder, call: Call) -> Ref:
     return builder.linear_map(call.fn, _one(builder, call))
 
@@ -300,10 +327,10 @@ def register_builtins() -> None:
              functions=[torch.tanh, F.tanh, torch.Tensor.tanh, "tanh"])
     register(convert=_convert_linear, modules=[nn.Linear])
     register(convert=_convert_module(conv), onnx=["Conv"], modules=[nn.Conv2d])
-    register(convert=_convert_module(batchnorm), onnx=["BatchNormalization"], modules=[nn.modules.batchnorm._BatchNorm])
+    register(convert=_convert_batchnorm, onnx=["BatchNormalization"], modules=[nn.modules.batchnorm._BatchNorm])
     register(convert=_convert_module(avgpool), onnx=["AveragePool"], modules=[nn.AvgPool2d])
     register(convert=_convert_module(maxpool), onnx=["MaxPool"], modules=[nn.MaxPool2d])
-    register(convert=_convert_matmul, onnx=["MatMul"], modules=["OnnxMatMul", "OnnxMatMulInteger"],
+    register(convert=_convert_matmul, many_inputs=True, onnx=["MatMul"], modules=["OnnxMatMul", "OnnxMatMulInteger"],
              functions=[torch.matmul, operator.matmul, "matmul"])
     register(convert=_convert_gemm, onnx=["Gemm"], modules=["OnnxGemm"])
     register(convert=_convert_affine, many_inputs=True, onnx=["Add", "Sub", "Mul", "Div", "Neg"],
@@ -328,7 +355,6 @@ def register_builtins() -> None:
     register(convert=_convert_module(conv1d), modules=[nn.Conv1d])
     register(convert=_convert_split, onnx=["Split"], modules=["OnnxSplit", "OnnxSplit13"],
              functions=[torch.split, "split", torch.chunk, "chunk", torch.unbind, "unbind"])
-    register(convert=_convert_pow, onnx=["Pow"], modules=["OnnxPow"], functions=[torch.pow, operator.pow, "pow"])
     register(convert=_convert_linear_map, onnx=["ReduceSum", "ReduceMean"],
              modules=["OnnxReduceSumStaticAxes", "OnnxReduceSumDynamicAxes", "OnnxReduceStaticAxes"],
              functions=[torch.sum, torch.mean, "sum", "mean"])
@@ -355,3 +381,7 @@ def _constant_only(builder, call: Call) -> Ref:
 
 
 register_builtins()
+
+
+# the nonlinear operators (their converters import this module's table first)
+from . import converters_nonlinear  # noqa: E402,F401
