@@ -151,11 +151,11 @@ def check_suite(suite_dir: str, args) -> SuiteReport:
             loaded = models[inst.onnx_path]
             if isinstance(loaded, str):
                 report.failures.append(f"FAIL {label}: {loaded}")
-                continue
-            try:
-                check_instance(*loaded, inst.vnnlib_path, args, rng, report, label)
-            except Exception as exc:   # a crash is a failure of the front end, not of this script
-                report.failures.append(f"FAIL {label}: {type(exc).__name__}: {exc}")
+            else:
+                try:
+                    check_instance(*loaded, inst.vnnlib_path, args, rng, report, label)
+                except Exception as exc:   # a crash is a failure of the front end, not of this script
+                    report.failures.append(f"FAIL {label}: {type(exc).__name__}: {exc}")
             if len(report.failures) > printed:
                 print(report.failures[-1], flush=True)
                 printed = len(report.failures)
