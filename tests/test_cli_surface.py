@@ -250,3 +250,23 @@ def test_config_file_with_a_wrong_type_names_the_key(tmp_path, capsys):
     assert main(["verify", "--print-config", "--config", str(tmp_path / "c.toml")]) == 2
     err = capsys.readouterr().err
     assert "[attack] restarts" in err and "int" in err
+
+
+def test_options_without_help_or_with_a_sentinel_default_still_show_their_default():
+    """Other packages' parsers come through CommandParser: an option without help shows its
+    default (and stays reported by missing_help); a parser that swaps defaults for a sentinel
+    shows the real one kept in ``shown_default``; a sentinel alone shows nothing."""
+    import argparse
+    from verifier.cli import CommandParser
+    parser = CommandParser(prog="x")
+    parser.add_argument("--epochs", type=int, default=10)
+    lr = parser.add_argument("--lr", type=float, default=1e-3, help="step")
+    seed = parser.add_argument("--seed", type=int, default=0, help="seed")
+    lr.shown_default, lr.default = lr.default, object()
+    seed.default = object()
+    parser.add_argument("--hidden", help=argparse.SUPPRESS)
+    text = " ".join(parser.format_help().split())
+    assert "--epochs EPOCHS (undocumented) (default: 10)" in text
+    assert "--lr LR step (default: 0.001)" in text and "--seed SEED seed -h" not in text
+    assert "object at" not in text and "--hidden" not in text
+    assert missing_help(parser) == ["--epochs"]

@@ -234,3 +234,35 @@ def test_cuda_workers_get_one_gpu_each_and_tasks_ask_for_one():
     assert task_resources("cuda:0") == {"GPU": 1} and task_resources("cpu") is None
     extra = bench.verify_arguments(bench_args("--device", "cuda:0"))
     assert extra[extra.index("--device") + 1] == "cuda:0"   # passed through to verify
+
+
+def test_quick_study_on_dask_survives_a_sigkilled_worker_and_leaves_nothing_to_redo(cluster, tmp_path):
+    from pruning.study import Study, load_config
+    from pruning.study.distributed import run_on_dask
+    from test_study import TINY
+    scheduler_file, client = cluster
+    client.wait_for_workers(2, timeout=60)
+    config_path = tmp_path / "tiny.toml"
+    config_path.write_text(TINY)
+    config = load_config(config_path).quick()
+    out = tmp_path / "out"
+    pids = client.run(os.getpid)
+    rows: list = []
+    runner = threading.Thread(target=lambda: rows.extend(run_on_dask(Study(config, out), client)))
+    runner.start()
+    victim = None
+    deadline = time.monotonic() + 120
+    while victim is None and time.monotonic() < deadline and runner.is_alive():
+        busy = [w for w, keys in client.processing().items() if any("-prune" in str(k) for k in keys) and w in pids]
+        victim = busy[0] if busy else None
+        time.sleep(0.05)
+    assert victim is not None, "no worker ever ran a prune stage"
+    os.kill(pids[victim], signal.SIGKILL)   # mid-study: the stage runs again elsewhere, from its files
+    runner.join(timeout=600)
+    assert not runner.is_alive()
+    assert rows and all(row["status"] == "done" for row in rows), [r["status"] for r in rows]
+    # the sequential runner finds every stage done: nothing lost, nothing left half-written
+    again = Study(config, out)
+    again.run()
+    assert sum(again.work.values()) == 0, again.work
+    assert_restarted(client, pids[victim])

@@ -233,3 +233,36 @@ def test_an_op_without_rounding_rules_makes_verify_answer_unknown_naming_it():
             ibp_bounds(graph, box)     # a bound pass in mode sound refuses it too
     finally:
         graph.nodes[relu].op = original
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_beta_crown_bounds_with_split_multipliers_contain_runtime_outputs(exported, dtype):
+    """beta-CROWN's terms (split signs and random multipliers beta >= 0) are accounted too: on
+    neurons whose sign the whole box decides (so every point lies in the subdomain), the bounds
+    still contain every onnxruntime output, with zero tolerance."""
+    from verifier.bounds.crown import SplitState
+    path, shape, sessions = exported["mlp"]
+    model = BoundedModel(path, dtype=dtype)
+    graph = model.graph()
+    attach(graph, float_model_for(model, "sound"))
+    gen = torch.Generator().manual_seed(11)
+    C = torch.eye(4, dtype=dtype).unsqueeze(0)
+    for width in (1e-2, 1e-5):
+        center = torch.rand(shape, generator=gen) * 2 - 1
+        lower, upper = (center - width / 2).float(), (center + width / 2).float()
+        box = Bounds(lower.unsqueeze(0).to(dtype), upper.unsqueeze(0).to(dtype))
+        with torch.no_grad():
+            bounds = crown_bounds(graph, box)
+        signs, betas = {}, {}
+        for r in graph.relu_nodes():
+            z = graph.nodes[r].inputs[0]
+            b = bounds[z]
+            signs[z] = torch.where(b.lower > 1e-3, 1.0, torch.where(b.upper < -1e-3, -1.0, 0.0)).to(dtype)
+            betas[z] = torch.rand((1, 4, *b.lower.shape[1:]), generator=gen).to(dtype) * signs[z].abs().unsqueeze(1)
+        assert sum(int(s.abs().sum()) for s in signs.values()) > 0
+        splits = SplitState(signs, betas)
+        with torch.no_grad():
+            split_bounds = crown_bounds(graph, box, splits=splits)
+            lb, ub = output_bounds(graph, box, C, split_bounds, splits=splits)
+        y = _runtime_outputs(sessions, _points(lower, upper, 200, gen))
+        _assert_inside(lb, ub, y, f"beta-CROWN {dtype} width {width:g}")

@@ -219,3 +219,53 @@ def test_a_method_that_cannot_prune_leaves_error_rows(tmp_path):
     assert all(r["status"].startswith("error: ") and "BatchNorm" in r["status"]
                for r in rows[1:])
     assert Study(config, tmp_path).run() == rows
+
+
+def test_verify_memory_settings_reach_the_verifier_config():
+    from pruning.study.verify_images import ImageVerifier
+
+    verifier = ImageVerifier.__new__(ImageVerifier)  # only the config mapping, no model
+    verifier.alpha_intermediate, verifier.relu_batch = False, 16
+    config = verifier.config(7.0)
+    assert config.timeout == 7.0 and config.alpha.optimize_intermediate is False
+    assert config.bab.relu_batch == 16
+    verifier.alpha_intermediate, verifier.relu_batch = True, None
+    default = verifier.config(7.0)
+    assert default.alpha.optimize_intermediate is True and default.bab.relu_batch > 16
+    parsed = parse_config({"name": "m", "verify": {"alpha_intermediate": False, "relu_batch": 4,
+                                                   "memory_limit_gb": 10.0}})
+    assert (parsed.verify.alpha_intermediate, parsed.verify.relu_batch,
+            parsed.verify.memory_limit_gb) == (False, 4, 10.0)
+
+
+def test_report_does_not_import_the_pipeline():
+    import ast
+
+    import pruning.study.plots as plots
+    import pruning.study.report as report
+
+    for module in (report, plots):
+        tree = ast.parse(Path(module.__file__).read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert "pruning.study.pipeline" not in imported, module.__name__
+
+
+def test_images_that_ran_out_of_memory_are_retried_under_a_larger_cap(quick_study):
+    import dataclasses
+
+    config_path, out, _ = quick_study
+    config = load_config(config_path).quick()
+    bigger = dataclasses.replace(config, verify=dataclasses.replace(config.verify,
+                                                                    memory_limit_gb=64.0))
+    study = Study(bigger, out)  # run_stage only: prepare() (which sets the cap) is not called
+    job = ModelJob("standard", 0, "imp", 2)
+    path = study.layout.verdict(job, 2)
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "verdict": "error", "memory_limit_gb": 10.0,
+                                "error": "RuntimeError: can't allocate memory"}))
+    stage = next(s for s in study.stages() if s.name == "reverify:standard/seed0/imp/r2")
+    assert study.run_stage(stage) is True
+    retried = json.loads(path.read_text())
+    assert retried["verdict"] == record["verdict"] and retried["first_verdict"] == "error"
+    assert retried["memory_limit_gb"] == 64.0
+    assert study.run_stage(stage) is None  # not again under the same cap

@@ -140,8 +140,8 @@ def test_cached_graph_bounds_and_forward_equal_a_fresh_conversion(tmp_path):
     fresh = BoundedModel(str(ACASXU))
     BoundedModel(str(ACASXU), cache_dir=tmp_path)            # miss: converts and stores
     cached = BoundedModel(str(ACASXU), cache_dir=tmp_path)   # hit
-    assert cached.onnx.graph_module is None and fresh.onnx.graph_module is not None
     assert (cached.onnx.input_name, cached.onnx.input_layout) == (fresh.onnx.input_name, fresh.onnx.input_layout)
+    assert "graph_module" not in vars(cached.onnx)   # not converted until asked for
     torch.manual_seed(0)
     lower = torch.rand(4, *fresh.input_shape) - 0.5
     upper = lower + 0.1 * torch.rand_like(lower)
@@ -150,6 +150,11 @@ def test_cached_graph_bounds_and_forward_equal_a_fresh_conversion(tmp_path):
                         cached.compute_bounds(lower, upper, method=method)):
             assert torch.equal(a, b)
     assert torch.equal(fresh.forward(lower), cached.forward(lower))
+    # the converted module, when asked for, is the one a fresh load gives
+    with torch.no_grad():
+        layout = fresh.onnx.input_layout
+        x = lower[:1].reshape(layout)
+        assert torch.equal(fresh.onnx.graph_module(x), cached.onnx.graph_module(x))
 
 
 def test_cache_hit_needs_neither_onnx2torch_nor_onnx(tmp_path):

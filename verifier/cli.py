@@ -45,11 +45,15 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         text = action.help or ""
         if "%(default)" in text or "default" in text.lower():
             return text
-        if action.default is None or action.default is False or action.default is argparse.SUPPRESS \
-                or action.default == []:
-            return text
+        # a parser that replaces defaults by a sentinel (to tell given flags apart) keeps the
+        # real one to show in ``action.shown_default``
+        key = "shown_default" if hasattr(action, "shown_default") else "default"
+        default = getattr(action, key)
+        if default is False or default == [] or default is argparse.SUPPRESS \
+                or not isinstance(default, (str, int, float, tuple, list, os.PathLike)):
+            return text   # None, SUPPRESS, flags, sentinels: nothing to show
         if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
-            return text + " (default: %(default)s)"
+            return (text.rstrip() + f" (default: %({key})s)").lstrip()
         return text
 
 
@@ -60,11 +64,22 @@ class CommandParser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
+    def add_argument(self, *args, **kwargs):
+        # argparse prints nothing, default included, for an option without help: a placeholder
+        # lets HelpFormatter show the default (``missing_help`` still reports the option)
+        missing = not kwargs.get("help") and kwargs.get("help") is not argparse.SUPPRESS
+        if missing:
+            kwargs["help"] = "(undocumented)"
+        action = super().add_argument(*args, **kwargs)
+        action.help_missing = missing
+        return action
+
 
 def missing_help(parser: argparse.ArgumentParser) -> list[str]:
     """Options and arguments of ``parser`` without help text (for tests of every subcommand)."""
     return [(a.option_strings or [a.dest])[0] for a in parser._actions
-            if not a.help and not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))]
+            if (getattr(a, "help_missing", False) or not (a.help or "").strip())
+            and not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))]
 
 
 def _entry_points() -> dict:
@@ -350,11 +365,11 @@ class _WallClockExpired(Exception):
     pass
 
 
-def _verify_within(verify, model, prop, config, log, records):
+def _verify_within(verify, model, prop, config, log, records=None):
     """verify() stops itself at its deadline between bounding steps; a wall-clock alarm half a
     second later is the safety net for a step that overruns it (a long batch on a loaded machine):
-    the answer is then ``timeout``, never a late verdict, and ``records`` keeps what the run
-    gathered, marked as cut."""
+    the answer is then ``timeout``, never a late verdict, and ``records`` (passed on to
+    ``verify`` where given) keeps what the run gathered, marked as cut."""
     from .verify import VerificationResult
 
     running = [True]
@@ -367,14 +382,15 @@ def _verify_within(verify, model, prop, config, log, records):
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, config.timeout + 0.5)
     try:
-        result = verify(model, prop, config, log, records)
+        result = verify(model, prop, config, log) if records is None else verify(model, prop, config, log, records)
         running[0] = False
         return result
     except _WallClockExpired:
-        records.cut = "wall-clock safety net: a bounding step overran the time limit by 0.5 s"
+        reason = "wall-clock safety net: a bounding step overran the time limit by 0.5 s"
+        if records is not None:
+            records.cut = reason
         log("wall-clock limit reached inside a bounding step")
-        return VerificationResult("timeout", time.monotonic() - start, details={"reason": records.cut},
-                                  records=records)
+        return VerificationResult("timeout", time.monotonic() - start, details={"reason": reason}, records=records)
     finally:
         running[0] = False
         signal.setitimer(signal.ITIMER_REAL, 0)

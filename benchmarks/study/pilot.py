@@ -30,12 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-images", type=int, default=4000)
     parser.add_argument("--images", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path("runs/pilot"))
+    parser.add_argument("--regimes", nargs="+", help="default: the config's")
     args = parser.parse_args(argv)
     config = load_config(args.config)
     config = dataclasses.replace(
         config, name=config.name + "-pilot", seeds=(config.seeds[0],),
         train_limit=args.train_images, test_limit=200,
-        train=dataclasses.replace(config.train, epochs=1, rewind_epoch=1),
+        train=dataclasses.replace(config.train, epochs=1, rewind_epoch=1,
+                                  regimes=tuple(args.regimes or config.train.regimes)),
         verify=dataclasses.replace(config.verify, images=args.images))
     torch.set_num_threads(1)
     study = Study(config, args.out)

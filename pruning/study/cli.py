@@ -19,6 +19,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: the config's)")
     parser.add_argument("--data-dir", help="dataset root (default: the config's data_dir, "
                                            "else $CERTIPRUNE_DATA)")
+    parser.add_argument("--workers", type=int, default=0, help="run the stages as tasks on an embedded "
+                        "Dask cluster of N worker processes (default 0: in this process)")
+    parser.add_argument("--scheduler", metavar="ADDR", help="run the stages on an existing Dask cluster "
+                        "(tcp://HOST:PORT or a scheduler file); the output folder must be shared")
     parser.set_defaults(handler=run_study)
 
 
@@ -37,7 +41,11 @@ def run_study(args) -> int:
                 raise PruningError(f"--threads must be ≥ 1, got {args.threads}")
             config = dataclasses.replace(config, threads=args.threads)
         study = Study(config, args.out, data_dir=args.data_dir)
-        rows = study.run()
+        if args.workers or args.scheduler:   # stages as Dask tasks: pruning/study/distributed.py
+            from pruning.study.distributed import run_with_dask
+            rows = run_with_dask(study, args.workers, args.scheduler)
+        else:
+            rows = study.run()
     except VerifierError as err:  # PruningError included: one line, its exit code
         print(f"certiprune study: error: {err}", file=sys.stderr)
         return err.exit_code

@@ -21,6 +21,10 @@ Every default follows the paper (Li et al., TMLR 2023; VITA-Group/CertifiedPruni
 layers only, one global threshold, unstructured methods 20 % × 16 rounds, channel methods
 11 % × 12 rounds, rewinding the whole state to the epoch-1 state after every round, every
 round verified.
+
+Unknown keys, wrong types and impossible values are one-line ``PruningError``s naming the file
+and the key (an unreadable or missing file is a ``PruningFileError``). ``StudyConfig.quick()``
+applies the ``[quick]`` table (and small defaults).
 """
 from __future__ import annotations
 
@@ -97,6 +101,14 @@ class VerifySection:
     eps: float | None = None
     compact: bool = True
     pgd_steps: int = 10  # the PGD accuracy column
+    # Memory of the verifier on wide conv nets (cifar_model_deep: 57k ReLUs; one image with
+    # alpha-CROWN's intermediate slopes reached 18 GB and was killed): optimise intermediate
+    # slopes or not, domains per branch-and-bound step (None: the verifier's defaults), and an
+    # address-space cap for the study process (GB; None: none), so an allocation that does not
+    # fit fails as that image's "error" verdict instead of the machine's OOM killer.
+    alpha_intermediate: bool = True
+    relu_batch: int | None = None
+    memory_limit_gb: float | None = None
     rounds: tuple[int, ...] | None = None  # rounds verified for the first seed (None: all)
     other_seed_rounds: tuple[int, ...] | None = None  # for the other seeds (None: as rounds)
 
@@ -321,7 +333,8 @@ def _bad(where: str, key: str, value, choices) -> None:
 # (a longer retry budget only re-verifies what is still a timeout).
 _FREE_KEYS = {"threads", "data_dir", "quick_overrides", "seeds"}
 _FREE_SECTION_KEYS = {"train": {"regimes"}, "prune": {"methods", "control"},
-                      "verify": {"images", "rounds", "other_seed_rounds", "retry_timeout"}}
+                      "verify": {"images", "rounds", "other_seed_rounds", "retry_timeout",
+                                 "memory_limit_gb"}}
 
 
 def changed_keys(stored: dict, current: dict) -> set[str]:

@@ -33,6 +33,7 @@ from pruning.errors import PruningError
 from pruning.study.config import StudyConfig, changed_keys
 from pruning.study.jobs import CONTROLS, Layout, ModelJob, base_of, is_control
 from pruning.study.progress import Progress
+from pruning.study.report import rows_of, write_outputs  # report never imports the pipeline
 
 VERDICTS = ("unsat", "sat", "timeout", "unknown", "error", "misclassified")
 
@@ -204,13 +205,17 @@ class Study:
                     f"differ); use --out elsewhere or remove the folder")
         write_json_atomic(path, current)
         torch.set_num_threads(self.config.threads)
+        limit = self.config.verify.memory_limit_gb
+        if limit is not None:  # fail this process's allocations, not the machine's
+            import resource
+
+            cap = int(limit * 2 ** 30)
+            resource.setrlimit(resource.RLIMIT_AS, (cap, resource.getrlimit(resource.RLIMIT_AS)[1]))
 
     # ---------------------------------------------------------------- the run
     def run(self) -> list[dict]:
         """Every stage in order; the tables after every finished round of stages, the plots at
         the end. Returns the rows."""
-        from pruning.study.report import rows_of, write_outputs
-
         self.prepare()
         stages = self.stages()
         self.progress = Progress(self.config.name, len(stages), self.progress.stream)
@@ -393,12 +398,20 @@ class Study:
         return self._verify_images(job, todo, self.config.verify.timeout, "verify")
 
     def reverify(self, job: ModelJob) -> bool | None:
-        """The first pass's timeouts again at ``verify.retry_timeout`` (once per image)."""
+        """The first pass's timeouts again at ``verify.retry_timeout`` (once per image), and
+        the images that failed under a smaller ``verify.memory_limit_gb`` than the current one
+        (a rerun on a bigger machine with a larger cap verifies them)."""
         retry = self.config.verify.retry_timeout
+        cap = self.config.verify.memory_limit_gb
         todo = []
         for i in range(self.config.verify.images):
             record = read_json(self.layout.verdict(job, i))
-            if record and record["verdict"] == "timeout" and record["timeout"] < retry:
+            if not record:
+                continue
+            if record["verdict"] == "timeout" and record["timeout"] < retry:
+                todo.append(i)
+            elif record["verdict"] == "error" and record.get("memory_limit_gb") is not None \
+                    and (cap is None or record["memory_limit_gb"] < cap):
                 todo.append(i)
         return self._verify_images(job, todo, retry, "reverify")
 
@@ -408,14 +421,18 @@ class Study:
 
         if not todo:
             return None
+        section = self.config.verify
         verifier = ImageVerifier(self.layout.eval_dir(job) / "model.onnx", self.load_model(job),
-                                 self.info, self.config.dataset, self.config.verify_eps)
+                                 self.info, self.config.dataset, self.config.verify_eps,
+                                 alpha_intermediate=section.alpha_intermediate,
+                                 relu_batch=section.relu_batch)
         images = self.verify_data()
         start = time.monotonic()
         for count, i in enumerate(todo, start=1):
             path = self.layout.verdict(job, i)
             previous = read_json(path)
             record = verifier.verify(images, i, timeout, path.with_suffix(".jsonl"))
+            record["memory_limit_gb"] = self.config.verify.memory_limit_gb
             if previous is not None:  # a retry keeps the first pass's verdict and time
                 record.update(first_verdict=previous["verdict"],
                               first_seconds=previous["seconds"],

@@ -156,6 +156,7 @@ def plot_unstable(study, rows: list[dict], regime: str, methods: list[str],
         colour, marker = style[method]
         axes.plot(range(1, len(counts) + 1), counts, marker=marker, color=colour,
                   label=f"{method} r{row['round']}")
+        axes.set_xticks(range(1, len(counts) + 1))
         drawn = True
     if not drawn:
         return None

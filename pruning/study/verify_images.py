@@ -15,10 +15,11 @@ class ImageVerifier:
     labels) verified image by image at radius ``eps``."""
 
     def __init__(self, onnx_path: Path, torch_model, info: DatasetInfo, dataset: str,
-                 eps: float):
+                 eps: float, alpha_intermediate: bool = True, relu_batch: int | None = None):
         from verifier import BoundedModel
 
         self.onnx_path, self.info, self.dataset, self.eps = Path(onnx_path), info, dataset, eps
+        self.alpha_intermediate, self.relu_batch = alpha_intermediate, relu_batch
         self.bounded = BoundedModel(str(onnx_path), device="cpu", dtype=torch.float32)
         graph = self.bounded.graph()
         self.n_in, self.n_out = graph.nodes[0].numel, graph.nodes[graph.output].numel
@@ -36,7 +37,7 @@ class ImageVerifier:
         ``--stats`` records go to ``stats_path``."""
         from pruning.export import vnnlib_robustness
         from verifier.io.vnnlib import parse_vnnlib
-        from verifier.verify import VerifyConfig, verify
+        from verifier.verify import verify
 
         label = int(images.labels[index])
         predicted = int(self.predicted(images)[index])
@@ -48,13 +49,27 @@ class ImageVerifier:
                                  comment=f"{self.dataset} test image {index}")
         spec_name = f"img{index}_eps{self.eps:g}.vnnlib"
         prop = parse_vnnlib(text, spec_name, self.n_in, self.n_out)
-        config = VerifyConfig(timeout=timeout)
-        try:
+        config = self.config(timeout)
+        try:  # the verdict and its untimed root records; memory can run out in either
             result = verify(self.bounded, prop, config)
+            return {**record, **self._stats(prop, result, config, spec_name, stats_path)}
         except Exception as err:  # noqa: BLE001 - one image must not end a long run
             return {**record, "verdict": "error", "seconds": None, "subdomains": 0,
-                    "error": f"{type(err).__name__}: {err}"}
-        return {**record, **self._stats(prop, result, config, spec_name, stats_path)}
+                    "error": f"{type(err).__name__}: {str(err)[:300]}"}
+
+    def config(self, timeout: float):
+        """``VerifyConfig`` at ``timeout`` with the study's memory settings."""
+        import dataclasses
+
+        from verifier.verify import VerifyConfig
+
+        config = VerifyConfig(timeout=timeout)
+        config = dataclasses.replace(config, alpha=dataclasses.replace(
+            config.alpha, optimize_intermediate=self.alpha_intermediate))
+        if self.relu_batch is not None:
+            config = dataclasses.replace(config, bab=dataclasses.replace(
+                config.bab, relu_batch=self.relu_batch))
+        return config
 
     def _stats(self, prop, result, config, spec_name: str, path: Path) -> dict:
         """Complete the root records (after the verdict, untimed, as ``verify --stats``),

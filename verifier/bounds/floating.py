@@ -28,6 +28,9 @@ Every bound of node i that we compute holds for both, z_i and z'_i, by induction
   ``2 gamma_{d+4} |A_0| . |x|_max``). Coefficients added at a node with several consumers, and
   beta-CROWN's ``beta z`` term, round once more (``weight``). The relaxations are built from the
   intermediate bounds, which hold for both networks, so they hold for both.
+- Branch and bound on ReLUs: a split ``s z >= 0`` is read as a constraint on the runtime's value
+  z' (the two children still cover every input); the clamped bounds and beta-CROWN's Lagrangian
+  term then hold for the runtime's values in the subdomain, which is all a verdict needs.
 - From the output node, room for the specification's rounding (C and rhs of the VNN-LIB file
   stored in our dtype): ``3 u |C| . |y|_max``.
 The slack is computed in floating point too: every gamma's length has ``Rounding.extra`` (nodes
@@ -51,7 +54,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UnsupportedOperatorError
-from ..ops import Bounds
+from ..ops import Bounds, ReLU
 from ..ops.base import contract, magnitude
 from ..ops.rounding import Rounding
 
@@ -199,6 +202,8 @@ class PassSlack:
         self.values = {0: box}
         self.bounds = bounds
         self.betas = {} if splits is None else splits.betas
+        self.splits = splits
+        self.merged: set[int] = set()   # nodes whose step ``step`` accounted at their consumer
         self.lower: Tensor | float = 0.0
         self.upper: Tensor | float = 0.0
 
@@ -216,7 +221,18 @@ class PassSlack:
         """w_i (N, *shape_i): the error per unit of |A_i| of the step through node i."""
         graph, fm, own = self.graph, self.fm, self.fm.own
         node = graph.nodes[i]
-        w = local_error(graph, fm, i, [self.value(j) for j in node.inputs])
+        inputs = [self.value(j) for j in node.inputs]
+        # The passes of one crown_bounds call share the Bounds objects of the nodes before them:
+        # node i's local error is kept with the very objects it came from, and reused only for
+        # them (one entry per node, so at most one IBP's worth of memory).
+        cache = graph.__dict__.setdefault("float_weights", {})
+        hit = cache.get(i)
+        if hit is not None and hit[0] is fm and len(hit[1]) == len(inputs) and all(
+                a is b for a, b in zip(hit[1], inputs)):
+            w = hit[2]
+        else:
+            w = local_error(graph, fm, i, inputs)
+            cache[i] = (fm, tuple(inputs), w)
         consumers = len(graph.consumers[i])
         extra = 0.0
         if consumers > 1:          # the coefficients of several consumers are added at this node
@@ -237,39 +253,70 @@ class PassSlack:
     @torch.no_grad()
     def step(self, i: int, lA: Optional[Tensor], uA: Optional[Tensor]) -> None:
         """Account for the step of the pass through node i with coefficients lA, uA
-        (N, S, *shape_i) on its output."""
-        self._add(lA, uA, self.weight(i))
+        (N, S, *shape_i) on its output. Through an elementwise op with slopes in [-1, 1]
+        (``Op.float_contractive``: ReLU, sigmoid, tanh) the coefficients reaching its input z
+        are at most ``(1 + gamma_3) |A_i|``; where z has no other consumer its step is accounted
+        here, with A_i (half the work of a pass through a ReLU network), plus beta-CROWN's
+        ``beta |s|`` added at z."""
+        if i in self.merged:
+            return
+        w = self.weight(i)
+        node = self.graph.nodes[i]
+        z = node.inputs[0] if len(node.inputs) == 1 else None
+        if getattr(node.op, "float_contractive", False) and z != 0 and z != self.start \
+                and self.graph.consumers[z] == [i]:
+            w_z = self.weight(z)
+            if isinstance(node.op, ReLU):   # slope exactly 0 where z <= 0: no coefficient reaches z
+                w_z = w_z * (self.value(z).upper > 0)
+            w = w + (1 + self.fm.own.gamma(3)) * w_z
+            self.merged.add(z)
+            if z in self.betas:
+                beta = self.betas[z].detach().abs() * self.splits.signs[z].abs().unsqueeze(1)
+                term = contract(beta, w_z.unsqueeze(1))
+                self.lower, self.upper = self.lower + term, self.upper + term
+        self._add(lA, uA, w)
 
     @torch.no_grad()
     def linear_then_box_step(self, i: int, lA: Optional[Tensor], uA: Optional[Tensor]) -> None:
         """The step through a Linear on the input fused with the concretisation: w_i, and the
         box's own term through |W| (``|A W| v_0 <= |A| |W| v_0``)."""
         W = self.graph.nodes[i].op.weight()
-        self._add(lA, uA, self.weight(i) + (self._box_weight() @ W.abs().t().double()).to(W.dtype))
+        box_term = (self._box_weight() @ W.abs().t().to(self._box_weight().dtype)).to(W.dtype)
+        self._add(lA, uA, box_term if i in self.merged else self.weight(i) + box_term)
+
+    def _box_in_float64(self) -> bool:
+        """Concretise in float64 where the input has over 2048 entries: there gamma_d |A| |x| of
+        float32 dominated the slack (metaroom, 5376 inputs: 1.36 of 1.8), while on MNIST (784)
+        it is of the size of the runtime's own first-layer error and float64 cost 30 % of CROWN."""
+        box = self.values[0]
+        return box.lower.dtype != torch.float64 and box.lower[0].numel() > 2048
 
     def _box_rounding(self) -> Rounding:
-        """The concretisation runs in float64 (``concretize``): its rounding."""
-        return Rounding(2.0 ** -53, self.fm.own.extra)
+        """The rounding of ``concretize``."""
+        return Rounding(2.0 ** -53, self.fm.own.extra) if self._box_in_float64() else self.fm.own
 
     def _box_weight(self) -> Tensor:
         """Per unit of |A_0|: centre and radius rounded, two dot products of length d (N, d)."""
         box = self.values[0]
-        return 2 * self._box_rounding().gamma(box.lower[0].numel() + 4) * magnitude(box).flatten(1).double()
+        m = magnitude(box).flatten(1)
+        return 2 * self._box_rounding().gamma(box.lower[0].numel() + 4) * (m.double() if self._box_in_float64() else m)
 
     def concretize(self, lA0: Optional[Tensor], uA0: Optional[Tensor], lbias, ubias, box: Bounds):
         """``crown.concretize`` in float64: the sums over the d inputs are the longest of a pass
         (their float32 error bound, gamma_d |A| |x|, dominated the slack of CROWN on an image).
-        Returns lb, ub (N, S) in float64; ``finish`` rounds them back outward."""
-        centre = ((box.upper.double() + box.lower.double()) / 2).flatten(1)
-        radius = ((box.upper.double() - box.lower.double()) / 2).flatten(1)
+        Returns lb, ub (N, S) in float64 (``_box_in_float64``; else in our dtype); ``finish``
+        rounds them back outward."""
+        wide = (lambda t: t.double()) if self._box_in_float64() else (lambda t: t)
+        centre = ((wide(box.upper) + wide(box.lower)) / 2).flatten(1)
+        radius = ((wide(box.upper) - wide(box.lower)) / 2).flatten(1)
 
         def bound(A: Tensor, bias, sign: float) -> Tensor:
             A = A.flatten(2)
             if A.shape[0] > 1 and A.stride(0) == 0:
-                A0 = A[0].double()
+                A0 = wide(A[0])
                 value = centre @ A0.t() + sign * (radius @ A0.abs().t())
             else:
-                A = A.double()
+                A = wide(A)
                 value = (A * centre.unsqueeze(1)).sum(-1) + sign * (A.abs() * radius.unsqueeze(1)).sum(-1)
             return value + bias
         return (None if lA0 is None else bound(lA0, lbias, -1.0)), (None if uA0 is None else bound(uA0, ubias, 1.0))
@@ -279,19 +326,20 @@ class PassSlack:
         a chunk of samples at a time). lA, uA (N, S, out) -> lb, ub (N, S) float64 or None."""
         W = op.weight()
         bias = op.bias() if op.bias is not None else None
-        centre = ((box.upper.double() + box.lower.double()) / 2).flatten(1)
-        radius = ((box.upper.double() - box.lower.double()) / 2).flatten(1)
+        wide = (lambda t: t.double()) if self._box_in_float64() else (lambda t: t)
+        centre = ((wide(box.upper) + wide(box.lower)) / 2).flatten(1)
+        radius = ((wide(box.upper) - wide(box.lower)) / 2).flatten(1)
 
         def bound(A: Tensor, sign: float) -> Tensor:
             offset = 0.0 if bias is None else A.matmul(bias)
             N, S = A.shape[:2]
             if N > 1 and A.stride(0) == 0:
-                AW = (A[0] @ W).double()
+                AW = wide(A[0] @ W)
                 return centre @ AW.t() + sign * (radius @ AW.abs().t()) + offset
             step = max(1, (1 << 20) // max(1, S * W.shape[1]))
             parts = []
             for n in range(0, N, step):
-                AW = A[n:n + step].matmul(W).double()                             # (n_c, S, d)
+                AW = wide(A[n:n + step].matmul(W))                                # (n_c, S, d)
                 parts.append((AW * centre[n:n + step].unsqueeze(1)).sum(-1)
                              + sign * (AW.abs() * radius[n:n + step].unsqueeze(1)).sum(-1))
             return torch.cat(parts) + offset
@@ -313,7 +361,7 @@ class PassSlack:
                 rows = runtime if runtime is not None else torch.full_like(self.value(node.inputs[0]).lower, float("inf"))
                 term = rows[:, start_rows] if start_rows.dim() == 1 else rows.gather(1, start_rows)
                 self.lower, self.upper = self.lower + term, self.upper + term
-            grow = 1 + 2 * self.fm.own.gamma(max(self.graph.nodes[i].numel for i in range(len(self.graph.nodes))))
+            grow = 1 + 2 * self.fm.own.gamma(max(node.numel for node in self.graph.nodes))
             slack_l, slack_u = self.lower * grow, self.upper * grow
         # in float64 (``concretize``), then rounded to our dtype: the pad covers that rounding
         unit, dtype = self.fm.own.unit, self.values[0].lower.dtype

@@ -13,6 +13,7 @@ reader never sees half of one. The cache holds pickles: point it only at a folde
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import pickle
@@ -55,7 +56,22 @@ def cache_path(cache_dir: str | os.PathLike, onnx_path: str, device: torch.devic
     return Path(cache_dir) / f"{key[:32]}.pkl"
 
 
-def _read_entry(path: Path, onnx_path: str) -> Optional[tuple[OnnxModel, BoundGraph]]:
+class CachedOnnxModel:
+    """An ``OnnxModel`` read from the cache: the same fields, and ``graph_module`` (the onnx2torch
+    module, which the cache does not hold) converted from the file when first asked for. Code
+    that needs the converted module (a float64 re-evaluation, say) thus gets the same module
+    as without the cache, and pays the conversion only then."""
+
+    def __init__(self, path: str, input_name: str, input_layout: tuple[int, ...], batched: bool):
+        self.path, self.input_name, self.input_layout, self.batched = path, input_name, input_layout, batched
+
+    @functools.cached_property
+    def graph_module(self) -> torch.nn.Module:
+        from .onnx import load_onnx
+        return load_onnx(self.path).graph_module
+
+
+def _read_entry(path: Path, onnx_path: str) -> Optional[tuple[CachedOnnxModel, BoundGraph]]:
     try:
         with open(path, "rb") as f:
             entry = pickle.load(f)
@@ -66,7 +82,7 @@ def _read_entry(path: Path, onnx_path: str) -> Optional[tuple[OnnxModel, BoundGr
     if not (isinstance(entry, dict) and entry.get("format") == _FORMAT and isinstance(entry.get("graph"), BoundGraph)):
         return None
     meta = entry["onnx"]
-    return OnnxModel(onnx_path, None, meta["input_name"], tuple(meta["input_layout"]), meta["batched"]), entry["graph"]
+    return CachedOnnxModel(onnx_path, meta["input_name"], tuple(meta["input_layout"]), meta["batched"]), entry["graph"]
 
 
 def _write_entry(path: Path, onnx_model: OnnxModel, graph: BoundGraph) -> None:
@@ -86,12 +102,13 @@ def _write_entry(path: Path, onnx_model: OnnxModel, graph: BoundGraph) -> None:
 
 
 def load_onnx_graph(onnx_path: str, device: torch.device, dtype: torch.dtype,
-                    cache_dir: Optional[str | os.PathLike] = None) -> tuple[OnnxModel, BoundGraph, bool]:
+                    cache_dir: Optional[str | os.PathLike] = None
+                    ) -> tuple[OnnxModel | CachedOnnxModel, BoundGraph, bool]:
     """The ONNX model's metadata and simplified bound graph, and whether they came from the cache.
 
     Without ``cache_dir`` this is ``load_onnx`` + ``onnx_bound_graph``. With one, a hit skips
-    both (the returned OnnxModel then has ``graph_module=None``: the onnx2torch module is not
-    kept); a miss converts and stores the entry. An entry that cannot be written (read-only
+    both (the model is then a ``CachedOnnxModel``, whose onnx2torch module is converted only if
+    asked for); a miss converts and stores the entry. An entry that cannot be written (read-only
     folder, full disk) only costs the saving."""
     from .onnx import load_onnx, onnx_bound_graph
     entry_path = None

@@ -92,6 +92,8 @@ class ReLU(Op):
     def float_gain(self, error):
         return error   # 1-Lipschitz; backward slopes lie in [0, 1]
 
+    float_contractive = True   # backward slopes in [0, 1] (floating.PassSlack.step)
+
 
 def _through_lines(A: Tensor, slope_nonneg: Tensor, slope_neg: Tensor, intercept: Tensor,
                    intercept_on_negative: bool) -> tuple[Tensor, Tensor]:
@@ -181,6 +183,8 @@ class _SShaped(Op):
 
     def float_gain(self, error):
         return self.max_slope * error
+
+    float_contractive = True   # chord slopes in [0, max_slope], max_slope <= 1
 
 
 class Sigmoid(_SShaped):

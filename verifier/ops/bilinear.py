@@ -16,14 +16,15 @@ sums of the planes of the products, computed as matrix products of the bounds.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from ..errors import UnsupportedOperatorError
-from .base import BackwardResult, Bounds, Op, contract
-from .relax import MARGIN_ULPS, project, unbroadcast
+from .base import BackwardResult, Bounds, Op, contract, magnitude
+from .relax import GROW, MARGIN_ULPS, TINY_FLOORS, finite, project, relative_ends, tiny, unbroadcast
 
 DEFAULT_ALPHA = 0.5
 
@@ -90,6 +91,48 @@ class Mul(Op):
             biases.append(bias.flatten(2).sum(-1))
         (lA_x, lA_y), (uA_x, uA_y) = parts
         return BackwardResult([(lA_x, uA_x), (lA_y, uA_y)], biases[0], biases[1])
+
+    # ---- float soundness (issue 26; verifier/bounds/floating.py) -------------------------------
+    def float_error(self, inputs, rounding):
+        """With P = max |x| max |y| (N, *out_shape): a runtime's product and our IBP's corners
+        round once (u P, and the underflow floor). A backward step, per unit of |A|: the weights
+        ``A alpha``, ``A (1 - alpha)`` sum to A (1 + theta), |theta| <= gamma_2, so the planes
+        they weigh bound ``A x y`` up to gamma_2 P; the coefficients of x and y sum two rounded
+        products (gamma_2 P each) and r broadcast entries (gamma_r); the bias terms (<= P (1 +
+        the margin)) sum 5 products and then the node (gamma_{numel + 6})."""
+        bx, by = inputs
+        if not rounding.backward:
+            return torch.maximum(*self.float_error_ends(inputs, rounding))
+        P = magnitude(bx) * magnitude(by)
+        floor = TINY_FLOORS * tiny(P)
+        numel = P[0].numel()
+        r = max(numel // max(1, bx.lower[0].numel()), numel // max(1, by.lower[0].numel()))
+        bias = 1 + rounding.gamma(2) + MARGIN_ULPS * torch.finfo(P.dtype).eps   # |bias term| / (|A| P)
+        error = P * (3 * rounding.gamma(2) + 2 * rounding.gamma(r + 1) + rounding.gamma(numel + 6) * bias)
+        return finite(GROW * error + floor)
+
+    def float_error_ends(self, inputs, rounding) -> Optional[Bounds]:
+        """Per end (``relax.relative_ends``): a product rounds relative to itself."""
+        if rounding.backward:
+            return None
+        out = self.ibp(*inputs)
+        return relative_ends(out, rounding.unit, TINY_FLOORS * tiny(out.lower))
+
+    def float_gain(self, *errors, inputs=None):
+        """|x' y' - x y| <= |y| d_x + |x| d_y + d_x d_y; without ``inputs`` no finite bound."""
+        dx, dy = errors
+        if inputs is None:
+            return torch.where((dx == 0) & (dy == 0), 0.0, math.inf).to(dx.dtype)
+        mx, my = magnitude(inputs[0]), magnitude(inputs[1])
+        return finite(GROW * (my * dx + mx * dy + dx * dy))
+
+    def float_coefficient_gain(self, *magnitudes, inputs=None):
+        """|A_x| <= |A| max |y|, |A_y| <= |A| max |x| (the planes' coefficients are bounds of the
+        other factor)."""
+        m_x, m_y = magnitudes
+        if inputs is None:
+            return torch.where((m_x == 0) & (m_y == 0), 0.0, math.inf).to(m_x.dtype)
+        return finite(GROW * (magnitude(inputs[1]) * m_x + magnitude(inputs[0]) * m_y))
 
 
 class MatMul(Op):
@@ -162,3 +205,53 @@ class MatMul(Op):
             biases.append(bias.flatten(2).sum(-1))
         (lA_x, lA_y), (uA_x, uA_y) = parts
         return BackwardResult([(lA_x, uA_x), (lA_y, uA_y)], biases[0], biases[1])
+
+    # ---- float soundness (issue 26; verifier/bounds/floating.py) -------------------------------
+    def _products(self, mx: Tensor, my: Tensor) -> Tensor:
+        """``mx @ my`` of non-negative bounds (N, *batch, m, n), in float64 (exact enough whatever
+        torch's matmul precision), returned in the inputs' dtype (GROW covers that rounding)."""
+        mx, my = self._aligned(mx, my)
+        return (mx.double() @ my.double()).to(mx.dtype)
+
+    def float_error(self, inputs, rounding):
+        """With P = max|x| @ max|y| (N, *batch, m, n) and x (.., m, k), y (.., k, n): a runtime's
+        dot products of length k, in any order, with or without FMA: gamma_k P (Higham, ch. 3);
+        our IBP sums k rounded corner products and subtracts its margin: gamma_{k+2} P. A
+        backward step, per unit of |A|: the weights' split (gamma_2 P, as for Mul), the
+        coefficients of x (sums of n products, two matrix products added: gamma_{n+1} P) and of y
+        (gamma_{m+1} P), each summed over r broadcast batch entries (gamma_r), the bias terms
+        (``lx @ ly``: gamma_{k+4} with its 5 products) summed over the node (gamma_{numel+6})."""
+        bx, by = inputs
+        P = self._products(magnitude(bx), magnitude(by))
+        floor = TINY_FLOORS * tiny(P)
+        k = bx.lower.shape[-1]
+        if rounding.runtime:
+            return finite(GROW * rounding.gamma(k) * P + k * floor)
+        if not rounding.backward:
+            return finite(GROW * rounding.gamma(k + 2) * P + k * floor)
+        m, n = bx.lower.shape[-2], by.lower.shape[-1]
+        numel = P[0].numel()
+        r = max(numel // max(1, bx.lower[0].numel() // k * n), numel // max(1, by.lower[0].numel() // k * m))
+        bias = 1 + rounding.gamma(k + 4) + MARGIN_ULPS * (k + 2) * _matmul_eps(P)   # |bias term| / (|A| P)
+        error = (rounding.gamma(2) + rounding.gamma(n + 1) + rounding.gamma(m + 1) + 2 * rounding.gamma(r + 1)
+                 + rounding.gamma(k + 4) + rounding.gamma(numel + 6) * bias) * P
+        return finite(GROW * error + (k + 1) * floor)
+
+    def float_gain(self, *errors, inputs=None):
+        """|x' @ y' - x @ y| <= |x| @ d_y + d_x @ |y| + d_x @ d_y (entrywise); without ``inputs``
+        no finite bound."""
+        dx, dy = errors
+        if inputs is None:
+            reach = self._products(dx.ne(0).to(dx.dtype), torch.ones_like(dy)) \
+                + self._products(torch.ones_like(dx), dy.ne(0).to(dy.dtype))
+            return torch.where(reach == 0, 0.0, math.inf).to(dx.dtype)
+        mx, my = magnitude(inputs[0]), magnitude(inputs[1])
+        return finite(GROW * (self._products(mx, dy) + self._products(dx, my) + self._products(dx, dy)))
+
+    def float_coefficient_gain(self, *magnitudes, inputs=None):
+        """A_x = A @ (bounds of y)^T, A_y = (bounds of x)^T @ A: |A_x| . m_x + |A_y| . m_y <=
+        |A| . (m_x @ |y| + |x| @ m_y)."""
+        m_x, m_y = magnitudes
+        if inputs is None:
+            return self.float_gain(m_x, m_y)
+        return finite(GROW * (self._products(m_x, magnitude(inputs[1])) + self._products(magnitude(inputs[0]), m_y)))

@@ -20,8 +20,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .base import Bounds, Op
-from .relax import Lines, Relaxed, check_domain, chord_slope, finite_slope, fit_intercepts, project, widen
+from .base import Bounds, Op, magnitude
+from .relax import (GROW, LIBM_ABSOLUTE, LIBM_ERROR, PERIODIC_EXACT_RANGE, TINY_FLOORS, Lines, Relaxed,
+                    check_domain, chord_slope, finite, finite_slope, fit_intercepts, line_step_error, project,
+                    relative_ends, tiny, widen)
 
 
 class _Smooth(Relaxed, Op):
@@ -86,6 +88,65 @@ class _Smooth(Relaxed, Op):
                                          upper=True, curvature=self.curvature)
         return Lines(lower_slope, lower_intercept, upper_slope, upper_intercept)
 
+    # ---- float soundness (issue 26; verifier/bounds/floating.py) -------------------------------
+    lipschitz = math.inf      # max |f'| over f's whole domain (float_gain without input bounds)
+    singular = False          # f' unbounded near 0 (a widened box reaching 0 has no finite gain)
+    absolute_error = 0.0      # LIBM_ABSOLUTE for sin / cos: an absolute error in units of u
+
+    def extra_relative_error(self, rounding) -> float:
+        """Relative error beyond libm's (Pow: repeated multiplication)."""
+        return 0.0
+
+    def slope_bound(self, b: Bounds) -> Tensor:
+        """Max |slope| of every line ``relaxation`` can use on the box (N, *shape): a tangent at
+        a point of the box (|f'| at an end, moved out one ulp: |f'| is monotone on each side of 0
+        for these f, and t may round an ulp past an end), or the chord as computed (on a tiny
+        box the computed chord may be far from every f'(x): it is recomputed, the same way)."""
+        ends = widen(b)
+        tangent = torch.maximum(self.df(ends.lower).abs(), self.df(ends.upper).abs())
+        return torch.maximum(tangent, chord_slope(self.f, self.df, b.lower, b.upper).abs())
+
+    def float_error(self, inputs, rounding):
+        """A runtime's f and our IBP's f at the ends: libm's error (relax.LIBM_ERROR u |f|, and
+        Pow's multiplications) of results as large as max |f| over the box (the larger of
+        ``float_error_ends``). A backward step:
+        ``relax.line_step_error`` with the slope bound (``slope_bound``); the lines themselves
+        carry fit_intercepts' margin against the rounding of f and k x. (N, *shape)."""
+        b = inputs[0]
+        if not rounding.backward:
+            return torch.maximum(*self.float_error_ends(inputs, rounding))
+        return line_step_error(rounding, magnitude(b), magnitude(self.ibp(b)), GROW * self.slope_bound(b))
+
+    def float_error_ends(self, inputs, rounding) -> Optional[Bounds]:
+        """``float_error`` of a forward or IBP step at each end of the IBP bounds (the libm error
+        is relative: ``relax.relative_ends``); None for a backward step."""
+        if rounding.backward:
+            return None
+        out = self.ibp(inputs[0])
+        relative = LIBM_ERROR * rounding.unit + self.extra_relative_error(rounding)
+        return relative_ends(out, relative, rounding.unit * self.absolute_error + TINY_FLOORS * tiny(out.lower))
+
+    def float_gain(self, *errors, inputs=None):
+        """|f(x + d) - f(x)| <= max |f'| over the box widened by d, times d; without ``inputs``
+        (Bounds of x) the global Lipschitz constant (infinite for exp, log, 1/x, sqrt, pow)."""
+        d = errors[0]
+        if inputs is None:
+            slope = torch.full_like(d, self.lipschitz)
+        else:
+            wide = Bounds(inputs[0].lower - d, inputs[0].upper + d)
+            slope = torch.maximum(self.df(wide.lower).abs(), self.df(wide.upper).abs())
+            slope = torch.minimum(slope, torch.full_like(slope, self.lipschitz))
+            if self.singular:
+                slope = torch.where((wide.lower <= 0) & (wide.upper >= 0), math.inf, slope)
+        return torch.where(d == 0, torch.zeros_like(d), finite(GROW * slope * d))
+
+    def float_coefficient_gain(self, *magnitudes, inputs=None):
+        """|A_in| <= |A| max |slope|: ``slope_bound`` with ``inputs``; without, no finite bound
+        (a computed chord on a tiny box is not bounded by f')."""
+        m = magnitudes[0]
+        slope = torch.full_like(m, math.inf) if inputs is None else GROW * self.slope_bound(inputs[0])
+        return torch.where(m == 0, torch.zeros_like(m), finite(slope * m))
+
 
 def _everywhere(l: Tensor) -> tuple[Tensor, Tensor]:
     return torch.ones_like(l, dtype=torch.bool), torch.zeros_like(l, dtype=torch.bool)
@@ -109,6 +170,8 @@ class Exp(_Smooth):
 class Log(_Smooth):
     """``log(x)`` on x > 0: concave and increasing; upper tangent, lower chord."""
 
+    singular = True
+
     def f(self, x):
         return torch.log(x)
 
@@ -126,6 +189,7 @@ class Sqrt(_Smooth):
     """``sqrt(x)`` on x >= 0: concave and increasing; upper tangent, lower chord."""
 
     floor = 0.0
+    singular = True
 
     def f(self, x):
         return torch.sqrt(x)
@@ -142,6 +206,8 @@ class Sqrt(_Smooth):
 
 class Reciprocal(_Smooth):
     """``1 / x`` on x > 0 (convex) or x < 0 (concave), decreasing on each; no box may hold 0."""
+
+    singular = True
 
     def f(self, x):
         return torch.reciprocal(x)
@@ -170,6 +236,15 @@ class Pow(_Smooth):
         self.integer = self.exponent == round(self.exponent)
         even = self.integer and int(self.exponent) % 2 == 0
         self.floor = 0.0 if even or not self.integer else None   # x^p >= 0 (x >= 0 off integers)
+        # float soundness: f' = p x^(p-1) is bounded near 0 only for p = 0 and p >= 1
+        self.singular = self.exponent < 1 and self.exponent != 0
+        self.lipschitz = {0.0: 0.0, 1.0: 1.0}.get(self.exponent, math.inf)
+
+    def extra_relative_error(self, rounding) -> float:
+        """An integer power may be computed by |p| - 1 multiplications (and a division): onnxruntime
+        and torch compute x^3 as x * x * x (measured 1.97 u |y|)."""
+        p = abs(self.exponent)
+        return rounding.gamma(int(p) + 2) if self.integer and p >= 2 else 0.0
 
     def describe(self) -> str:
         return f"Pow({self.exponent:g})"
@@ -223,6 +298,24 @@ class _Periodic(_Smooth):
     two solutions c of ``f'(c) = k`` and the three n that can land in a box narrower than 2 pi."""
 
     curvature = 1.0
+    lipschitz = 1.0
+    absolute_error = LIBM_ABSOLUTE
+
+    def slope_bound(self, b):
+        """|f'| <= 1, and the chord as computed (which rounding can push past 1 on a tiny box)."""
+        return chord_slope(self.f, self.df, b.lower, b.upper).abs().clamp(min=1.0)
+
+    def float_error_ends(self, inputs, rounding):
+        """As for every libm function, but past ``relax.PERIODIC_EXACT_RANGE`` (float32 inputs
+        are integers there; SLEEF documents any value of [-1, 1] past 1e28) any value: 2."""
+        ends = super().float_error_ends(inputs, rounding)
+        if ends is None:
+            return None
+        far = magnitude(inputs[0]) > PERIODIC_EXACT_RANGE
+        return Bounds(*(torch.where(far, 2.0, e) for e in ends))
+
+    def float_gain(self, *errors, inputs=None):
+        return errors[0] * GROW   # 1-Lipschitz (|f'| is not monotone on a box: no tighter rule here)
 
     def base_points(self, k: Tensor) -> tuple[Tensor, Tensor]:
         """The two solutions of f'(c) = k (|k| <= 1) in one period."""

@@ -11,6 +11,7 @@ functions Sign and Floor get lines from their one-sided limits at the jumps.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -18,8 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ModelValueError
-from .base import BackwardResult, Bounds, Op, contract
-from .relax import Lines, Relaxed, chord_slope, finite_slope, fit_intercepts, per_spec, project, unbroadcast
+from .base import BackwardResult, Bounds, Op, contract, magnitude
+from .relax import (GROW, TINY_FLOORS, Lines, Relaxed, chord_slope, finite, finite_slope, fit_intercepts,
+                    line_step_error, per_spec, project, relative_ends, tiny, unbroadcast)
 
 
 def _into(point: Tensor, l: Tensor, u: Tensor) -> Tensor:
@@ -37,6 +39,31 @@ def _prepare(b: Bounds, alpha: Optional[Tensor]):
     if alpha is None:
         return b.lower, b.upper, None
     return torch.broadcast_tensors(b.lower, b.upper, project(alpha))
+
+
+# ---- float soundness (issue 26; verifier/bounds/floating.py) -----------------------------------
+def _line_slopes(lines: Lines) -> Tensor:
+    return torch.maximum(lines.lower_slope.abs(), lines.upper_slope.abs())
+
+
+def _exact(inputs, rounding) -> Optional[Tensor]:
+    """Zero error, (N, *shape), for a forward and IBP that are exact on floats (min, max,
+    comparisons, floor, sign); None for a backward step (the caller's rule)."""
+    return None if rounding.backward else torch.zeros_like(inputs[0].lower)
+
+
+def _gain_of_slope(slope: float, d: Tensor) -> Tensor:
+    return d * slope
+
+
+def _coefficient_gain(op, m: Tensor, inputs, bound: float) -> Tensor:
+    """|A_in| <= |A| max |slope|: ``bound`` for the slopes chosen by alpha, and the default
+    lines' as computed (a chord) with ``inputs``; without them no finite bound."""
+    if inputs is None:
+        slope = torch.full_like(m, math.inf)
+    else:
+        slope = GROW * _line_slopes(op.relaxation(inputs[0])).clamp(min=bound)
+    return torch.where(m == 0, torch.zeros_like(m), finite(slope * m))
 
 
 class LeakyReLU(Relaxed, Op):
@@ -76,6 +103,30 @@ class LeakyReLU(Relaxed, Op):
         lower_slope = torch.where(unstable & convex, through_kink, chord)
         upper_slope = torch.where(unstable & (not convex), through_kink, chord)
         return _fitted(self.forward, [l, u, _into(torch.zeros_like(l), l, u)], lower_slope, upper_slope)
+
+    def float_error(self, inputs, rounding):
+        """A runtime's and our forward round ``slope * x`` once (u |slope| m, and the underflow
+        floor). A backward step: ``line_step_error`` with slopes between ``slope`` and 1 (alpha)
+        or the chord as computed. (N, *shape)."""
+        b = inputs[0]
+        m = magnitude(b)
+        if not rounding.backward:
+            return torch.maximum(*self.float_error_ends(inputs, rounding))
+        slopes = GROW * _line_slopes(self.relaxation(b)).clamp(min=max(1.0, abs(self.slope)))
+        return line_step_error(rounding, m, magnitude(self.ibp(b)), slopes)
+
+    def float_error_ends(self, inputs, rounding) -> Optional[Bounds]:
+        """Per end (``relax.relative_ends``): ``slope * x`` rounds relative to itself."""
+        if rounding.backward:
+            return None
+        out = self.ibp(inputs[0])
+        return relative_ends(out, rounding.unit, TINY_FLOORS * tiny(out.lower))
+
+    def float_gain(self, *errors, inputs=None):
+        return _gain_of_slope(max(1.0, abs(self.slope)), errors[0])
+
+    def float_coefficient_gain(self, *magnitudes, inputs=None):
+        return _coefficient_gain(self, magnitudes[0], inputs, max(1.0, abs(self.slope)))
 
 
 class Clip(Relaxed, Op):
@@ -124,6 +175,22 @@ class Clip(Relaxed, Op):
         points = [l, u, _into(low, l, u), _into(high, l, u)]
         return _fitted(self.forward, points, lower_slope, upper_slope)
 
+    def float_error(self, inputs, rounding):
+        """Forward and IBP (min and max) are exact. A backward step: ``line_step_error`` with
+        slopes in [0, 1] (alpha) or the chord as computed. (N, *shape)."""
+        b = inputs[0]
+        exact = _exact(inputs, rounding)
+        if exact is not None:
+            return exact
+        slopes = GROW * _line_slopes(self.relaxation(b)).clamp(min=1.0)
+        return line_step_error(rounding, magnitude(b), magnitude(self.ibp(b)), slopes)
+
+    def float_gain(self, *errors, inputs=None):
+        return _gain_of_slope(1.0, errors[0])   # 1-Lipschitz
+
+    def float_coefficient_gain(self, *magnitudes, inputs=None):
+        return _coefficient_gain(self, magnitudes[0], inputs, 1.0)
+
 
 class Sign(Relaxed, Op):
     """``sign(x)`` in {-1, 0, 1}. On [0, u] the lower line is x / u (above the constant 0), on
@@ -161,6 +228,34 @@ class Sign(Relaxed, Op):
         return Lines(lower_slope, fit_intercepts(points, values, lower_slope, upper=False),
                      upper_slope, fit_intercepts(points, values, upper_slope, upper=True))
 
+    def _slope_bound(self, b: Bounds) -> Tensor:
+        """The steepest slopes alpha can choose (alpha = 1), as computed: (N, *shape)."""
+        return GROW * _line_slopes(self.relaxation(b, torch.ones_like(b.lower)))
+
+    def float_error(self, inputs, rounding):
+        """Forward and IBP are exact. A backward step: ``line_step_error`` with |f| <= 1 and the
+        slopes of alpha = 1 (2 / u, 2 / -l across 0): steep lines on a box near 0 cost as much
+        in rounding as they do in looseness. (N, *shape)."""
+        b = inputs[0]
+        exact = _exact(inputs, rounding)
+        if exact is not None:
+            return exact
+        return line_step_error(rounding, magnitude(b), torch.ones_like(b.lower), self._slope_bound(b))
+
+    def float_gain(self, *errors, inputs=None):
+        """|sign(x + d) - sign(x)| <= 2 where the box widened by d reaches 0 (any d > 0 without
+        ``inputs``), else 0: a step is not Lipschitz, so this is not homogeneous in d."""
+        d = errors[0]
+        reach = d > 0
+        if inputs is not None:
+            reach = reach & (inputs[0].lower - d <= 0) & (inputs[0].upper + d >= 0)
+        return torch.where(reach, 2.0, 0.0).to(d.dtype)
+
+    def float_coefficient_gain(self, *magnitudes, inputs=None):
+        m = magnitudes[0]
+        slope = torch.full_like(m, math.inf) if inputs is None else self._slope_bound(inputs[0])
+        return torch.where(m == 0, torch.zeros_like(m), finite(slope * m))
+
 
 class Floor(Relaxed, Op):
     """``floor(x)``: constant on a box within one step; otherwise, per side, the constant
@@ -182,6 +277,25 @@ class Floor(Relaxed, Op):
         one, zero = torch.ones_like(l), torch.zeros_like(l)
         return Lines(torch.where(diagonal_below, one, zero), torch.where(diagonal_below, -one, low),
                      torch.where(diagonal_above, one, zero), torch.where(diagonal_above, zero, high))
+
+    def float_error(self, inputs, rounding):
+        """Forward and IBP are exact (floor of a float is a float; ``x - 1 < floor(x) <= x``
+        holds exactly). A backward step: ``line_step_error`` with slopes 0 or 1 and intercepts
+        -1, 0, floor(l) or floor(u), at most max |floor| + 1. (N, *shape)."""
+        b = inputs[0]
+        exact = _exact(inputs, rounding)
+        if exact is not None:
+            return exact
+        values = magnitude(self.ibp(b)) + 1
+        return line_step_error(rounding, magnitude(b), values, torch.full_like(b.lower, GROW))
+
+    def float_gain(self, *errors, inputs=None):
+        """|floor(x + d) - floor(x)| <= d + 1 for d > 0 (a step: not homogeneous in d)."""
+        d = errors[0]
+        return torch.where(d > 0, d + 1, torch.zeros_like(d))
+
+    def float_coefficient_gain(self, *magnitudes, inputs=None):
+        return magnitudes[0] * GROW   # slopes 0 or 1
 
 
 class Maximum(Op):
@@ -238,6 +352,37 @@ class Maximum(Op):
             biases.append(contract(pos, li) + contract(neg, ui))
         (lA_x, lA_y), (uA_x, uA_y) = parts
         return BackwardResult([(lA_x, uA_x), (lA_y, uA_y)], biases[0], biases[1])
+
+    def float_error(self, inputs, rounding):
+        """Forward and IBP (max / min of floats) are exact. A backward step, per unit of |A| on
+        the output, with md = max |x| + max |y| and K >= the slopes of relu(d)'s lines (alpha in
+        [0, 1], or the chord as computed): the computed bounds of d = x - y may miss the real ones
+        by u md, and lines fitted on them (|slope| <= K, relu 1-Lipschitz) by (1 + K) u md beyond;
+        the coefficients of x and y round (u K mx, u (1 + K) my) and are summed over r broadcast
+        entries (gamma_r), the intercepts (<= (1 + K) md) over the node. (N, *out_shape)."""
+        bx, by = inputs
+        mx, my = torch.broadcast_tensors(magnitude(bx), magnitude(by))
+        exact = _exact([Bounds(mx, my)], rounding)
+        if exact is not None:
+            return exact
+        K = GROW * _line_slopes(_RELU.relaxation(self.difference(bx, by))).clamp(min=1.0)
+        numel = mx[0].numel()
+        r = max(numel // max(1, bx.lower[0].numel()), numel // max(1, by.lower[0].numel()))
+        md = mx + my
+        u = rounding.unit
+        error = (1 + K) * md * (3 * u + rounding.gamma(r + 1) + rounding.gamma(numel + 2))
+        return finite(GROW * error + TINY_FLOORS * tiny(md))
+
+    def float_gain(self, *errors, inputs=None):
+        dx, dy = errors
+        return torch.maximum(dx, dy)   # |max(x', y') - max(x, y)| <= max(|x' - x|, |y' - y|)
+
+    def float_coefficient_gain(self, *magnitudes, inputs=None):
+        """A_x = A k, A_y = A (1 - k) (Maximum) or the mirror (Minimum), k in [0, 1] up to the
+        chord's rounding: |A_x| m_x + |A_y| m_y <= |A| K (m_x + m_y)."""
+        mx, my = magnitudes
+        K = GROW if inputs is None else GROW * _line_slopes(_RELU.relaxation(self.difference(*inputs))).clamp(min=1.0)
+        return finite(K * (mx + my))
 
 
 class Minimum(Maximum):

@@ -150,3 +150,60 @@ def unbroadcast(A: Tensor, shape: torch.Size) -> Tensor:
         A = A.sum(dim=tuple(range(2, 2 + extra)))
     dims = tuple(2 + i for i, n in enumerate(shape) if n == 1 and A.shape[2 + i] != 1)
     return A.sum(dim=dims, keepdim=True) if dims else A
+
+
+# ---- float soundness (issue 26; the model and its proof: verifier/bounds/floating.py) ------------
+# A libm-grade elementwise function (exp, log, sqrt, 1/x, pow, sin, cos) is taken to be within
+# LIBM_ERROR u |f(x)| (+ LIBM_ABSOLUTE u for sin and cos, + TINY_FLOORS smallest normals for
+# results that underflow or are flushed to zero) of the real value, u the unit roundoff: 8 ulps
+# (an ulp of y is at most 2 u |y|). Sources: the glibc manual, "Known Maximum Errors in Math
+# Functions" (sourceware.org/glibc/manual/2.39/html_node/Errors-in-Math-Functions.html: a few
+# ulps, <= 2 for expf, logf, sinf, cosf, powf on x86_64); SLEEF's reference for the u10 functions
+# that torch's CPU kernels call (1.0 ulp; sinf / cosf only for |x| <= 1e28, beyond which "an
+# arbitrary value within [-1, 1] is returned": sin and cos therefore allow any value of [-1, 1]
+# past PERIODIC_EXACT_RANGE); the CUDA C Programming Guide's table of single-precision functions
+# (<= 4 ulps: powf; sqrtf and 1/x correctly rounded by default). Measured on 2 * 10^6 points per
+# range (tests/test_float_nonlinear_ops.py states the figures): onnxruntime 1.32 (Eigen / MLAS)
+# <= 3.8 u |y| (Log), torch 2.14 on CPU <= 1.6 u |y|; sin / cos <= 2.9 u |y| up to |x| = 1e7.
+# Overflow is outside the model: a runtime value that overflows to inf lies outside every finite
+# bound (our float32 bounds are then infinite too; float64 bounds of such a network are not).
+LIBM_ERROR = 16.0
+LIBM_ABSOLUTE = 4.0
+PERIODIC_EXACT_RANGE = 2.0 ** 23   # |x| up to which sin / cos are trusted to LIBM_ERROR
+TINY_FLOORS = 2.0
+# Quantities that the rules bound by evaluating f, f' or products in floating point are taken
+# a little larger than computed (1 + 2^-10 covers a few roundings at any u <= 2^-11).
+GROW = 1.0 + 2.0 ** -10
+
+
+def tiny(t: Tensor) -> float:
+    """The smallest normal of float32 or of t's dtype, whichever is larger: the absolute error of a
+    result that underflows, in a float32 runtime or in our arithmetic."""
+    return max(torch.finfo(torch.float32).tiny, torch.finfo(t.dtype).tiny)
+
+
+def finite(error: Tensor) -> Tensor:
+    """An error bound with inf / nan turned into the largest finite float: an infinite slack
+    reaches the bound as -inf / +inf (sound, useless), never as nan through ``0 * inf``."""
+    big = torch.finfo(error.dtype).max
+    return error.nan_to_num(nan=big, posinf=big).clamp(min=0, max=big)
+
+
+def relative_ends(out: Bounds, relative: float | Tensor, absolute: float | Tensor) -> Bounds:
+    """Errors at each end of ``out`` (forward / IBP) for a computation within ``relative |y| +
+    absolute`` of every real value y: ``y - relative |y|`` is increasing in y (relative < 1), so
+    the lowest runtime value is within ``relative |lower| + absolute`` of ``lower`` (likewise the
+    highest), a much smaller widening of a small end than the symmetric ``float_error``."""
+    return Bounds(finite(GROW * relative * out.lower.abs() + absolute),
+                  finite(GROW * relative * out.upper.abs() + absolute))
+
+
+def line_step_error(rounding, m: Tensor, values: Tensor, slopes: Tensor) -> Tensor:
+    """Per unit of |A|, the error of one backward step through per-neuron lines (``through_lines``):
+    ``A k`` rounds once (u K m; one of the two products is zero) and the intercepts, each at most
+    ``F + K m`` (fitted at a point of the box, ``fit_intercepts``, its margin included by GROW),
+    are summed over the node: gamma_{numel + 2}. m: max |x|, values F: max |f|, slopes K: max
+    |slope| over every line the op can use on the box (any alpha); all (N, *shape)."""
+    numel = m[0].numel()
+    km = slopes * m
+    return finite(GROW * (rounding.unit * km + rounding.gamma(numel + 2) * (values + km)) + TINY_FLOORS * tiny(m))

@@ -26,12 +26,16 @@ of K terms, relative ``eps (K + 2 + max u - l_i)``).
 """
 from __future__ import annotations
 
+import math
+from typing import Optional
+
 import torch
 from torch import Tensor
 
 from ..errors import UnsupportedOperatorError
-from .base import BackwardResult, Bounds, Op
+from .base import BackwardResult, Bounds, Op, magnitude
 from .elementwise import Exp
+from .relax import GROW, LIBM_ERROR, TINY_FLOORS, finite, tiny
 
 _EXP = Exp()
 
@@ -134,6 +138,80 @@ class Softmax(Op):
         if uA is not None:
             uA_in, ubias = _through(uA, axis, (upper_w, upper_c), (lower_w, lower_c))
         return BackwardResult([(lA_in, uA_in)], lbias, ubias)
+
+    # ---- float soundness (issue 26; verifier/bounds/floating.py) -------------------------------
+    def float_error(self, inputs, rounding):
+        """(N, *shape). With K entries along the dim, D the spread ``max u - min l`` of its
+        entries (those not masked by -inf) and M their largest |x|, relative to s_high (IBP's upper
+        bound of the output):
+        - a runtime computes ``d_j = x_j - max x`` (u |d_j|), ``exp(d_j)`` (libm: LIBM_ERROR u,
+          and exp(d (1 + delta)) = exp(d) (1 + u |d|)), their sum (gamma_K) and one division
+          (u): the numerator and the sum's weighted mean each off by (LIBM_ERROR + D) u, so
+          ``2 (LIBM_ERROR + D) u + gamma_{K+2}``, times GROW for the second-order terms (a
+          runtime that computes exp(x - max - log sum) is within the same bound);
+        - our IBP, in float64 then rounded outward (``_ibp64``): logsumexp of K terms (gamma_K),
+          log and exp of quantities up to M + D + log K: ``8 u (K + 8 + D + 2 M)`` with our u;
+        - a backward step (``_through``): each coefficient sums 2 K products of the lines'
+          weights (gamma_{2K+2} |w| . m, the cast of w to our dtype within u), the intercepts
+          summed over the node (gamma_{numel+2} |c|), both read off the lines themselves.
+        Plus the underflow floor (an output of exp flushed to zero)."""
+        b = inputs[0]
+        axis = self._axis(b.lower)
+        l, u = (t.movedim(axis, -1) for t in b)
+        K = l.shape[-1]
+        floor = TINY_FLOORS * tiny(l)
+        live = u > float("-inf")                                   # not masked (a masked entry: s = 0)
+        if rounding.backward:
+            m = torch.where(live, magnitude(Bounds(l, u)), 0.0).unsqueeze(-2)           # (..., 1, K_in)
+            lower_w, lower_c, upper_w, upper_c = self.relaxation(b)
+            weights = torch.maximum((lower_w.abs() * m).sum(-1), (upper_w.abs() * m).sum(-1))
+            intercepts = torch.maximum(lower_c.abs(), upper_c.abs())
+            numel = b.lower[0].numel()
+            error = (rounding.gamma(2 * K + 2) + rounding.unit) * weights + rounding.gamma(numel + 2) * intercepts
+            return finite(GROW * error + floor).movedim(-1, axis)
+        return self.float_error_ends(inputs, rounding).upper
+
+    def float_error_ends(self, inputs, rounding) -> Optional[Bounds]:
+        """``float_error`` of a forward or IBP step at each end: relative to IBP's lower and upper
+        bound of the output; None for a backward step."""
+        if rounding.backward:
+            return None
+        b = inputs[0]
+        axis = self._axis(b.lower)
+        l, u = (t.movedim(axis, -1) for t in b)
+        K = l.shape[-1]
+        live = u > float("-inf")
+        top = torch.where(live, u, float("-inf")).amax(-1, keepdim=True)
+        bottom = torch.where(live, l, float("inf")).amin(-1, keepdim=True)
+        spread = (top - bottom).clamp(min=0)
+        M = torch.where(live, magnitude(Bounds(l, u)), 0.0).amax(-1, keepdim=True)
+        unit = rounding.unit
+        if rounding.runtime:
+            relative = 2 * (LIBM_ERROR + spread) * unit + rounding.gamma(K + 2)
+        else:
+            relative = 8 * unit * (K + 8 + spread + 2 * M)
+        out = self.ibp(b)
+        floor = K * TINY_FLOORS * tiny(l)
+        ends = [torch.where(live, GROW * relative * end.movedim(axis, -1), 0.0) + floor for end in out]
+        return Bounds(*(finite(e).movedim(-1, axis) for e in ends))
+
+    def float_gain(self, *errors, inputs=None):
+        """|s_i(x + d) - s_i(x)| <= max_j d_j / 2: the row sums of |ds_i / dx_j| = s_i (delta_ij
+        - s_j) are 2 s_i (1 - s_i) <= 1/2."""
+        d = errors[0]
+        return (0.5 * GROW) * d.amax(self._axis(d), keepdim=True).expand_as(d)
+
+    def float_coefficient_gain(self, *magnitudes, inputs=None):
+        """A_in = A @ w (the lines' weights along the dim): |A_in| . m <= |A| . (|w| m), read off
+        the lines with ``inputs``; without them no finite bound."""
+        m = magnitudes[0]
+        if inputs is None:
+            return torch.where(m.amax(self._axis(m), keepdim=True) == 0, 0.0, math.inf).expand_as(m).to(m.dtype)
+        axis = self._axis(m)
+        mm = m.movedim(axis, -1).unsqueeze(-2)
+        lower_w, _, upper_w, _ = self.relaxation(inputs[0])
+        gain = torch.maximum((lower_w.abs() * mm).sum(-1), (upper_w.abs() * mm).sum(-1))
+        return finite(GROW * gain).movedim(-1, axis)
 
 
 def _compose(slope: Tensor, intercept: Tensor, magnitude: Tensor, factor: Tensor, offset: Tensor):
