@@ -1,6 +1,6 @@
 """Bound throughput: CROWN and alpha-CROWN time per batch of input boxes, against TARGETS.md.
 
-    python -m benchmarks.bounds_speed --suite-dir ../shared/benchmarks/vnncomp2021 --threads 2 \\
+    python -m benchmarks.bounds_speed --suite-dir ../shared/benchmarks/vnncomp2021 --threads 1 \\
         [--quick] [--skip alpha-crown:1024] [--device cpu] [--mnist ../shared/datasets/MNIST/raw]
 
 Networks: mnistfc 256x2 / 256x4 / 256x6 (input (784, 1)) and the oval21 base CNN
@@ -33,11 +33,11 @@ import time
 import numpy as np
 import torch
 
-# auto_LiRPA CROWN on 2 threads (TARGETS.md): seconds per batch.
+# auto_LiRPA CROWN on one thread (TARGETS.md, measured 2026-12-03): seconds per batch.
 TARGET_SECONDS = {
-    ("mnist-net_256x2", 1): 0.063, ("mnist-net_256x2", 64): 0.97, ("mnist-net_256x2", 1024): 4.4,
-    ("mnist-net_256x4", 1): 0.171, ("mnist-net_256x4", 64): 1.75, ("mnist-net_256x4", 1024): 21.7,
-    ("mnist-net_256x6", 1): 0.264, ("mnist-net_256x6", 64): 5.2, ("mnist-net_256x6", 1024): 110.0,
+    ("mnist-net_256x2", 1): 0.0056, ("mnist-net_256x2", 64): 0.272, ("mnist-net_256x2", 1024): 5.12,
+    ("mnist-net_256x4", 1): 0.0135, ("mnist-net_256x4", 64): 1.27, ("mnist-net_256x4", 1024): 22.7,
+    ("mnist-net_256x6", 1): 0.0280, ("mnist-net_256x6", 64): 2.46, ("mnist-net_256x6", 1024): 56.4,
 }
 MNIST_NETS = ("mnist-net_256x2", "mnist-net_256x4", "mnist-net_256x6")
 OVAL_NET = "cifar_base_kw"
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
                         help="folder holding mnistfc/ and oval21/")
     parser.add_argument("--mnist", default="../shared/datasets/MNIST/raw/t10k-images-idx3-ubyte.gz",
                         help="MNIST test images (idx3, gzip)")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1, as TARGETS.md)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batches", default="1,64,1024", help="comma-separated batch sizes")
     parser.add_argument("--methods", default="crown,alpha-crown")

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .ops import Op, ReLU
+from .ops import Op
 
 
 @dataclass
@@ -83,13 +83,17 @@ class BoundGraph:
         return self.nodes[self.output].shape
 
     def relu_nodes(self) -> list[int]:
-        """Indices of ReLU nodes in topological order."""
-        return [i for i, n in enumerate(self.nodes) if isinstance(n.op, ReLU)]
+        """Nodes whose input branch and bound may split at 0 (``Op.branchable``: ReLU), in order."""
+        return [i for i, n in enumerate(self.nodes) if n.op is not None and n.op.branchable]
+
+    def optimisable_nodes(self) -> list[int]:
+        """Nodes whose relaxation has free parameters (``Op.optimisable``), in order."""
+        return [i for i, n in enumerate(self.nodes) if n.op is not None and n.op.optimisable]
 
     def needs_bounds(self) -> list[int]:
-        """Nodes whose bounds a relaxation needs: inputs of nonlinear ops, in order."""
-        needed = sorted({n.inputs[0] for n in self.nodes if n.op is not None and n.op.nonlinear})
-        return needed
+        """Nodes whose bounds a relaxation needs: inputs of nonlinear ops (not the input node,
+        whose bounds are the box), in order."""
+        return sorted({j for n in self.nodes if n.op is not None and n.op.nonlinear for j in n.inputs if j != 0})
 
     def ancestors(self, target: int) -> list[int]:
         """Nodes ``target`` depends on (itself included), in topological order."""

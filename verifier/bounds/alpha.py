@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from ..graph import BoundGraph
-from ..ops import Bounds, ReLU
+from ..ops import Bounds
+from .budget import log
 from .crown import (Alphas, IntermediateSlopes, SplitState, crown_bounds, intersect, output_bounds, relu_lines,
                     unstable_rows)
 from .optim import Adam
@@ -28,25 +29,29 @@ class AlphaConfig:
     optimize_intermediate: bool = True  # also optimise slopes used for intermediate bounds
     early_stop_patience: int = 5        # stop when the objective has not improved for this many steps
     beta_lr: Optional[float] = None     # Adam step of beta-CROWN's split multipliers (None: ``lr``)
+    # the most the slopes (and their Adam state, gradients: counted 4x) may take; passes whose
+    # slopes do not fit keep CROWN's choice, largest first (see _fit_budget)
+    slope_memory_bytes: int = 2 << 30
 
     @property
     def multiplier_lr(self) -> float:
         return self.lr if self.beta_lr is None else self.beta_lr
 
 
-def _relus_before(graph: BoundGraph, start: int) -> list[int]:
+def _optimisable_before(graph: BoundGraph, start: int) -> list[int]:
     anc = set(graph.ancestors(start))
-    return [r for r in graph.relu_nodes() if r in anc and r != start]
+    return [r for r in graph.optimisable_nodes() if r in anc and r != start]
 
 
 def init_alphas(graph: BoundGraph, starts: dict[int, int], bounds: list[Optional[Bounds]], need_upper: dict[int, bool],
                 warm: Optional[Alphas] = None) -> Alphas:
-    """One slope tensor (N, S_start, *relu_shape) per (start, relu) pair, initialised at CROWN's
-    choice (or from ``warm`` where shapes match)."""
+    """One slope tensor (N, S_start, *shape) per (start, optimisable node) pair, initialised at the
+    op's own choice (``Op.init_slopes``: CROWN's for a ReLU) or from ``warm`` where shapes match."""
     alphas: Alphas = {}
     for start, S in starts.items():
-        for r in _relus_before(graph, start):
-            _, _, lower_slope, _ = ReLU.relaxation(bounds[graph.nodes[r].inputs[0]])
+        for r in _optimisable_before(graph, start):
+            node = graph.nodes[r]
+            lower_slope = node.op.init_slopes(*(bounds[j] for j in node.inputs))
             init = lower_slope.unsqueeze(1).expand(-1, S, *lower_slope.shape[1:])
             pair = []
             for side, wanted in ((0, True), (1, need_upper[start])):
@@ -113,6 +118,7 @@ def alpha_crown(graph: BoundGraph, box: Bounds, C: Tensor, config: AlphaConfig =
         for i in needed:
             starts[i] = len(rows[i])
             upper_wanted[i] = True
+    starts = _fit_budget(graph, starts, upper_wanted, C.shape[0], C.element_size(), config.slope_memory_bytes)
     alphas = init_alphas(graph, starts, initial, upper_wanted, warm)
     betas = list(splits.betas.values()) if splits is not None else []
     params = [([a for pair in alphas.values() for a in pair if a is not None] + list(extra_params or []), config.lr),
@@ -129,6 +135,26 @@ def alpha_crown(graph: BoundGraph, box: Bounds, C: Tensor, config: AlphaConfig =
             return lb, None, initial, alphas
         return _optimise(graph, box, C, config, need_upper, initial, splits, alphas, params, betas, rows, record,
                          deadline)
+
+
+def _fit_budget(graph: BoundGraph, starts: dict[int, int], upper_wanted: dict[int, bool], N: int, itemsize: int,
+                memory_bytes: int) -> dict[int, int]:
+    """The passes (start node -> rows) whose slopes fit the memory budget: the largest
+    intermediate ones are dropped first (their bounds stay CROWN's), the output's last."""
+    def size(start: int) -> int:
+        sides = 2 if upper_wanted[start] else 1
+        return 4 * sides * N * starts[start] * itemsize * sum(graph.nodes[r].numel
+                                                             for r in _optimisable_before(graph, start))
+    kept = dict(starts)
+    total = sum(size(s) for s in kept)
+    for start in sorted(kept, key=lambda s: (s == graph.output, -size(s))):
+        if total <= memory_bytes:
+            break
+        total -= size(start)
+        del kept[start]
+        log.warning("alpha-CROWN: the slopes of the pass from node %d (%s) exceed the %.0f MiB budget; CROWN's kept",
+                    start, graph.nodes[start].name, memory_bytes / 2**20)
+    return kept
 
 
 def _optimise(graph, box, C, config, need_upper, initial, splits, alphas, params, betas, rows, record, deadline):
@@ -165,7 +191,7 @@ def _optimise(graph, box, C, config, need_upper, initial, splits, alphas, params
         optimizer.zero_grad()
         (-objective).backward()
         optimizer.step()
-        _project([a for pair in alphas.values() for a in pair if a is not None], betas)
+        _project(graph, alphas, betas)
     # evaluate the final iterate too: the last step may have improved it
     with torch.no_grad():
         bounds = crown_bounds(graph, box, alphas, splits, reference=best_bounds, rows=rows) \
@@ -180,10 +206,13 @@ def _optimise(graph, box, C, config, need_upper, initial, splits, alphas, params
 
 
 @torch.no_grad()
-def _project(slopes: list[Tensor], multipliers: list[Tensor]) -> None:
-    """Back into the feasible set after a step: slopes into [0, 1], multipliers to >= 0."""
-    for a in slopes:
-        a.clamp_(0, 1)
+def _project(graph: BoundGraph, alphas: Alphas, multipliers: list[Tensor]) -> None:
+    """Back into the feasible set after a step: each op's parameters by ``Op.project_slopes``
+    (a ReLU's slopes into [0, 1]), multipliers to >= 0."""
+    for (_, node), pair in alphas.items():
+        for a in pair:
+            if a is not None:
+                graph.nodes[node].op.project_slopes(a)
     for b in multipliers:
         b.clamp_(min=0)
 
@@ -214,7 +243,7 @@ def _optimise_until_proven(graph, box, C, config, initial, splits, alphas, prove
         work.optimizer.zero_grad()
         (-lb.sum()).backward()
         work.optimizer.step()
-        _project([pair[0] for pair in work.alphas.values()], list(work.splits.betas.values()))
+        _project(graph, work.alphas, list(work.splits.betas.values()))
         if int(proven.sum()) * 4 >= len(active):   # shrink once a quarter is proven: copies cost too
             work.write_back(alphas, betas)
             keep = (~proven).nonzero().squeeze(1)

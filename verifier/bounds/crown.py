@@ -18,16 +18,19 @@ import torch
 from torch import Tensor
 
 from ..graph import BoundGraph
-from ..ops import Bounds, Linear, ReLU
+from ..ops import Bounds
+from ..ops.base import LinearBound
+from .budget import CrownBudget, bytes_per_row, row_chunks
 from .floating import pass_slack, widen_ibp
 from .ibp import ibp_bounds
+from .perturbation import LpBall, ball_concretize, take_rows
 
-# relu node -> ReLU.relaxation of its input bounds: (upper slope, upper intercept, default lower
-# slope, unstable), each (N, *shape)
-ReluLines = dict[int, tuple[Tensor, Tensor, Tensor, Tensor]]
+# node -> its op's relaxation under the current bounds (``Op.lines``: for a ReLU, upper slope,
+# upper intercept, default lower slope, unstable; each (N, *shape))
+ReluLines = dict[int, object]
 
-# (start node, relu node) -> lower-relaxation slopes for the lA side and the uA side, each
-# (N, S_start, *relu_shape) or None.
+# (start node, optimisable node) -> the op's free parameters for the lA side and the uA side,
+# each (N, S_start, *shape) or None (for a ReLU, lower-relaxation slopes).
 Alphas = dict[tuple[int, int], tuple[Optional[Tensor], Optional[Tensor]]]
 
 
@@ -93,12 +96,16 @@ class _GatheredSlopes(Mapping):
         return len(self.keys_)
 
 
-def concretize(lA: Optional[Tensor], uA: Optional[Tensor], lbias, ubias, box: Bounds):
-    """Bounds of ``A x + bias`` over the box. lA, uA: (N, S, *in_shape) -> lb, ub: (N, S)."""
+def concretize(lA: Optional[Tensor], uA: Optional[Tensor], lbias, ubias, box: Bounds | LpBall):
+    """Bounds of ``A x + bias`` over the box (or the ``LpBall``). lA, uA: (N, S, *in_shape) ->
+    lb, ub: (N, S)."""
     center = ((box.upper + box.lower) / 2).flatten(1)   # (N, d)
     radius = ((box.upper - box.lower) / 2).flatten(1)
     lb = None if lA is None else _linear_over_box(lA.flatten(2), center, radius, -1.0) + lbias
     ub = None if uA is None else _linear_over_box(uA.flatten(2), center, radius, 1.0) + ubias
+    if isinstance(box, LpBall):   # the input set is the ball within the box: the better of both
+        lb = None if lA is None else torch.maximum(lb, ball_concretize(lA, box, -1.0) + lbias)
+        ub = None if uA is None else torch.minimum(ub, ball_concretize(uA, box, 1.0) + ubias)
     return lb, ub
 
 
@@ -110,37 +117,6 @@ def _linear_over_box(A: Tensor, center: Tensor, radius: Tensor, sign: float) -> 
         return center @ A0.t() + sign * (radius @ A0.abs().t())
     # sums of products rather than bmm: a batched matrix-vector product is 2-4x slower on CPU
     return (A * center.unsqueeze(1)).sum(-1) + sign * A.abs().mul_(radius.unsqueeze(1)).sum(-1)
-
-
-# Elements of one chunk of ``A W`` in _linear_then_box: small enough to stay in cache.
-_CHUNK_ELEMENTS = 1 << 20
-
-
-def _linear_then_box(lA: Optional[Tensor], uA: Optional[Tensor], op: Linear, box: Bounds):
-    """Bounds over the box of ``A (W x + b)`` for a Linear op applied to the input itself, without
-    materialising ``A W`` (N, S, d) at once: it is formed a chunk of samples at a time and
-    concretised at once, which is what the last step of every backward pass costs.
-    lA, uA: (N, S, out) or None; box: (N, d) -> lb, ub (N, S) or None."""
-    W = op.weight()
-    bias = op.bias() if op.bias is not None else None
-    center = ((box.upper + box.lower) / 2).flatten(1)
-    radius = ((box.upper - box.lower) / 2).flatten(1)
-
-    def bound(A: Tensor, sign: float) -> Tensor:
-        offset = 0.0 if bias is None else A.matmul(bias)
-        if A.shape[0] > 1 and A.stride(0) == 0:
-            return _linear_over_box((A[0] @ W).unsqueeze(0).expand(A.shape[0], -1, -1), center, radius, sign) + offset
-        N, S = A.shape[:2]
-        step = max(1, _CHUNK_ELEMENTS // max(1, S * W.shape[1]))
-        out = torch.empty(N, S, dtype=A.dtype, device=A.device)
-        for n in range(0, N, step):
-            AW = A[n:n + step].matmul(W)                                   # (n_c, S, d)
-            part = (AW * center[n:n + step].unsqueeze(1)).sum(-1)
-            part += sign * AW.abs_().mul_(radius[n:n + step].unsqueeze(1)).sum(-1)
-            out[n:n + step] = part
-        return out + offset
-
-    return (None if lA is None else bound(lA, -1.0)), (None if uA is None else bound(uA, 1.0))
 
 
 def _start_A(graph: BoundGraph, start: int, rows: Tensor, N: int, dtype, device):
@@ -156,6 +132,19 @@ def _start_A(graph: BoundGraph, start: int, rows: Tensor, N: int, dtype, device)
     return eye.reshape(1, len(rows), *shape).expand(N, len(rows), *shape)
 
 
+def _start_bound(graph: BoundGraph, start: int, rows: Tensor, N: int, box: Bounds) -> tuple[int, LinearBound]:
+    """The identity rows of node ``start`` as a linear bound: on the node itself (one-hot), or
+    on its input where its op offers ``identity_rows`` (then that node is returned)."""
+    node = graph.nodes[start]
+    if len(node.inputs) == 1:
+        direct = node.op.identity_rows(rows, N, graph.nodes[node.inputs[0]].shape)
+        if direct is not None:
+            A, bias = direct
+            return node.inputs[0], LinearBound(A, A, bias, bias)
+    A = _start_A(graph, start, rows, N, box.lower.dtype, box.lower.device)
+    return start, LinearBound(A, A)
+
+
 def backward_bound(graph: BoundGraph, start: int, lA: Optional[Tensor], uA: Optional[Tensor],
                    bounds: list[Optional[Bounds]], box: Bounds, alphas: Optional[Alphas] = None,
                    splits: Optional[SplitState] = None, start_rows: Optional[Tensor] = None,
@@ -167,43 +156,29 @@ def backward_bound(graph: BoundGraph, start: int, lA: Optional[Tensor], uA: Opti
     shared by every sample, or (N, S) rows of each sample.
     bounds: per node, Bounds (N, *shape) wherever a relaxation needs them.
     Returns lb, ub: (N, S) (None for a side not asked for). With ``record``, the lower-side
-    coefficients reaching every ReLU node (N, S, *shape) and the input (key 0) are stored there
-    (branching heuristics read them). ``lines``: ReLU relaxations computed once from ``bounds``
-    (``relu_lines``) by a caller that bounds repeatedly with the same intermediate bounds.
+    coefficients reaching every branchable node's output (N, S, *shape) and the input (key 0)
+    are stored there (branching heuristics read them). ``lines``: relaxations computed once from
+    ``bounds`` (``relu_lines``) by a caller that bounds repeatedly with the same intermediate
+    bounds. The pass names no op: each node's op propagates the bound (``Op.backward``) and
+    offers its own shortcuts (``Op.identity_rows``, ``Op.bound_over_box``).
     """
     N = box.lower.shape[0]
     slack = pass_slack(graph, start, bounds, box, splits)   # float-soundness pass (issue 26)
-    want_l, want_u = (True, True) if start_rows is not None else (lA is not None, uA is not None)
-    acc_l: dict[int, Tensor] = {}
-    acc_u: dict[int, Tensor] = {}
-    lbias: Tensor | float = 0.0
-    ubias: Tensor | float = 0.0
-    first = start
     if start_rows is not None:
-        op = graph.nodes[start].op
-        if isinstance(op, Linear) and len(graph.nodes[start].shape) == 1:
-            # identity rows of a Linear output are rows of W: skip the one-hot product
-            W = op.weight()[start_rows]
-            A = W if start_rows.dim() == 2 else W.unsqueeze(0).expand(N, *W.shape)
-            first = graph.nodes[start].inputs[0]
-            acc_l[first] = A if want_l else None
-            acc_u[first] = A if want_u else None
-            if op.bias is not None:
-                b = op.bias()[start_rows]
-                lbias = ubias = b if start_rows.dim() == 2 else b.unsqueeze(0)
-        else:
-            A = _start_A(graph, start, start_rows, N, box.lower.dtype, box.lower.device)
-            acc_l[start] = A if want_l else None
-            acc_u[start] = A if want_u else None
+        first, bound = _start_bound(graph, start, start_rows, N, box)
     else:
-        acc_l[start], acc_u[start] = lA, uA
-
+        first, bound = start, LinearBound(lA, uA)
+    want_l, want_u = bound.lA is not None, bound.uA is not None
+    pending: dict[int, LinearBound] = {first: LinearBound(bound.lA, bound.uA)}
+    total = LinearBound(None, None, bound.lbias, bound.ubias)   # constants collected on the way
+    flat_input = len(graph.input_shape) == 1
     for i in reversed(graph.ancestors(first)):
         if i == 0:
             break
-        lA_i, uA_i = acc_l.pop(i, None), acc_u.pop(i, None)
-        if lA_i is None and uA_i is None:
+        at_i = pending.pop(i, None)
+        if at_i is None or at_i.is_empty:
             continue
+        lA_i, uA_i = at_i.lA, at_i.uA
         if splits is not None and i in splits.betas and i != start:
             # beta-CROWN: min f s.t. s z >= 0  >=  min f - beta s z  (beta >= 0), so the lower
             # objective gains -beta*s on z and the upper one +beta*s
@@ -211,31 +186,30 @@ def backward_bound(graph: BoundGraph, start: int, lA: Optional[Tensor], uA: Opti
             lA_i = None if lA_i is None else lA_i - term
             uA_i = None if uA_i is None else uA_i + term
         node = graph.nodes[i]
-        if record is None and isinstance(node.op, Linear) and node.inputs == (0,) and len(graph.input_shape) == 1:
-            if slack is not None:   # float-soundness pass (issue 26): accounted, and concretised in float64
-                slack.linear_then_box_step(i, lA_i, uA_i)
-            direct = (_linear_then_box if slack is None else slack.linear_then_box)(lA_i, uA_i, node.op, box)
-            lbias = lbias if direct[0] is None else lbias + direct[0]
-            ubias = ubias if direct[1] is None else ubias + direct[1]
-            continue
-        if record is not None and isinstance(node.op, ReLU) and lA_i is not None:
+        op = node.op
+        if record is None and slack is None and flat_input and node.inputs == (0,) \
+                and not isinstance(box, LpBall):
+            direct = op.bound_over_box(lA_i, uA_i, box)
+            if direct is not None:
+                total = total.shift(0.0 if direct[0] is None else direct[0], 0.0 if direct[1] is None else direct[1])
+                continue
+        if record is not None and op.branchable and lA_i is not None:
             record[i] = lA_i
         kwargs = {}
-        if alphas is not None and isinstance(node.op, ReLU) and (start, i) in alphas:
+        if alphas is not None and (start, i) in alphas:
             kwargs["alpha_l"], kwargs["alpha_u"] = alphas[(start, i)]
         if lines is not None and i in lines:
             kwargs["lines"] = lines[i]
         if slack is not None:   # float-soundness pass (issue 26)
             slack.step(i, lA_i, uA_i)
-        result = node.op.backward(lA_i, uA_i, *(bounds[j] for j in node.inputs), **kwargs)
-        lbias = lbias + result.lbias
-        ubias = ubias + result.ubias
+        result = op.backward(lA_i, uA_i, *(bounds[j] for j in node.inputs), **kwargs)
+        total = total.shift(result.lbias, result.ubias)
         for j, (l_j, u_j) in zip(node.inputs, result.input_A):
-            if l_j is not None:
-                acc_l[j] = l_j if j not in acc_l or acc_l[j] is None else acc_l[j] + l_j
-            if u_j is not None:
-                acc_u[j] = u_j if j not in acc_u or acc_u[j] is None else acc_u[j] + u_j
-    lA0, uA0 = acc_l.get(0), acc_u.get(0)
+            if l_j is not None or u_j is not None:
+                contribution = LinearBound(l_j, u_j)
+                pending[j] = contribution if j not in pending else pending[j] + contribution
+    at_input = pending.get(0, LinearBound(None, None))
+    lA0, uA0 = at_input.lA, at_input.uA
     if want_l and lA0 is None:  # no (further) dependence on the input
         lA0 = torch.zeros(N, 1, *graph.input_shape, dtype=box.lower.dtype, device=box.lower.device)
     if want_u and uA0 is None:
@@ -243,7 +217,7 @@ def backward_bound(graph: BoundGraph, start: int, lA: Optional[Tensor], uA: Opti
     if record is not None and lA0 is not None:
         record[0] = lA0
     lb, ub = (concretize if slack is None else slack.concretize)(lA0 if want_l else None, uA0 if want_u else None,
-                                                                 lbias, ubias, box)
+                                                                 total.lbias, total.ubias, box)
     if slack is not None:   # float-soundness pass (issue 26)
         lb, ub = slack.finish(lA0 if want_l else None, uA0 if want_u else None, lb, ub, start_rows)
     return lb, ub
@@ -251,12 +225,32 @@ def backward_bound(graph: BoundGraph, start: int, lA: Optional[Tensor], uA: Opti
 
 def unstable_rows(graph: BoundGraph, node: int, b: Bounds) -> Tensor:
     """Flat indices of the node's neurons whose bounds a CROWN pass can still improve usefully:
-    for a ReLU input the ones unstable in some batch element; for other relaxations all."""
-    consumers = [graph.nodes[c].op for c in graph.consumers[node] if graph.nodes[c].op.nonlinear]
-    if consumers and all(isinstance(op, ReLU) for op in consumers):
-        unstable = ((b.lower < 0) & (b.upper > 0)).flatten(1).any(0)
-        return unstable.nonzero().squeeze(1)
+    those loose in some batch element (``loose_mask``: for a ReLU input the unstable ones); all
+    where a consumer cannot tell."""
+    loose = loose_mask(graph, node, b)
+    if loose is not None:
+        return loose.flatten(1).any(0).nonzero().squeeze(1)
     return torch.arange(graph.nodes[node].numel, device=b.lower.device)
+
+
+def loose_mask(graph: BoundGraph, node: int, b: Bounds) -> Optional[Tensor]:
+    """(N, *shape) bool: the neurons of ``node`` where some consumer's relaxation is not exact
+    under bounds b (``Op.loose``), or None where a consumer cannot tell (then all may be)."""
+    masks = []
+    for c in graph.consumers[node]:
+        op = graph.nodes[c].op
+        if not op.nonlinear:
+            continue
+        mask = op.loose(b) if len(graph.nodes[c].inputs) == 1 else None
+        if mask is None:
+            return None
+        masks.append(mask)
+    if not masks:
+        return None
+    out = masks[0]
+    for m in masks[1:]:
+        out = out | m
+    return out
 
 
 # Rows (sample, neuron) of one group's backward pass in _crown_per_sample_rows.
@@ -265,7 +259,9 @@ _GROUP_ROWS = 1 << 16
 
 def _crown_per_sample_rows(graph: BoundGraph, node: int, b: Bounds, bounds: list[Optional[Bounds]],
                            splits: Optional[SplitState] = None,
-                           slopes: Optional[IntermediateSlopes] = None) -> Optional[Bounds]:
+                           slopes: Optional[IntermediateSlopes] = None,
+                           box: Optional[Bounds | LpBall] = None,
+                           budget: CrownBudget = CrownBudget()) -> Optional[Bounds]:
     """CROWN on each sample's own unstable neurons of a ReLU input ``node`` rather than on every
     neuron unstable in some sample: a large batch of boxes (or of branch-and-bound subdomains)
     has nearly every neuron unstable in one of them, while each has fewer. Samples are sorted by
@@ -277,11 +273,13 @@ def _crown_per_sample_rows(graph: BoundGraph, node: int, b: Bounds, bounds: list
     each row (``IntermediateSlopes``; CROWN's own choice without). Returns the bounds tightened
     (before ``splits.apply``), or None when this would not save work over shared rows (then the
     caller bounds those)."""
-    consumers = [graph.nodes[c].op for c in graph.consumers[node] if graph.nodes[c].op.nonlinear]
     N = b.lower.shape[0]
-    if N == 1 or not consumers or not all(isinstance(op, ReLU) for op in consumers):
+    if N == 1:
         return None
-    unstable = ((b.lower < 0) & (b.upper > 0)).flatten(1)                # (N, numel)
+    loose = loose_mask(graph, node, b)
+    if loose is None:
+        return None
+    unstable = loose.flatten(1)                                          # (N, numel)
     counts = unstable.sum(1)
     if int(counts.sum()) >= 0.75 * N * int(unstable.any(0).sum()):
         return None
@@ -290,6 +288,9 @@ def _crown_per_sample_rows(graph: BoundGraph, node: int, b: Bounds, bounds: list
     order = torch.argsort(counts, stable=True)
     order = order[counts[order] > 0].tolist()
     count_of = counts.tolist()
+    # a row of one sample: the widest node's coefficients of that sample
+    group_rows = min(_GROUP_ROWS, max(1, budget.memory_bytes // bytes_per_row(graph, node, 1, b.lower.element_size(),
+                                                                              budget)))
     flat_l, flat_u = b.lower.flatten(1).clone(), b.upper.flatten(1).clone()
     ancestors = graph.ancestors(node)[:-1]
     k = 0
@@ -297,7 +298,7 @@ def _crown_per_sample_rows(graph: BoundGraph, node: int, b: Bounds, bounds: list
         first_count = count_of[order[k]]
         end = k + 1
         while end < len(order) and count_of[order[end]] <= 1.25 * first_count + 4 \
-                and (end - k + 1) * count_of[order[end]] <= _GROUP_ROWS:
+                and (end - k + 1) * count_of[order[end]] <= group_rows:
             end += 1
         group = torch.tensor(order[k:end], device=b.lower.device)
         width = count_of[order[end - 1]]
@@ -306,10 +307,11 @@ def _crown_per_sample_rows(graph: BoundGraph, node: int, b: Bounds, bounds: list
         gathered: list[Optional[Bounds]] = [None] * len(bounds)
         for j in ancestors:
             if bounds[j] is not None:
-                gathered[j] = Bounds(bounds[j].lower[group], bounds[j].upper[group])
+                gathered[j] = take_rows(bounds[j], group)
         group_splits = None if splits is None else SplitState(
             {z: t[group] for z, t in splits.signs.items()}, {z: t[group] for z, t in splits.betas.items()})
-        lb, ub = backward_bound(graph, node, None, None, gathered, gathered[0], splits=group_splits,
+        group_box = gathered[0] if box is None else take_rows(box, group)
+        lb, ub = backward_bound(graph, node, None, None, gathered, group_box, splits=group_splits,
                                 start_rows=rows, alphas=None if slopes is None else slopes.for_rows(node, rows))
         at = (group.unsqueeze(1), rows)
         flat_l[at] = torch.where(valid, torch.maximum(flat_l[at], lb), flat_l[at])
@@ -326,7 +328,8 @@ def crown_bounds(graph: BoundGraph, box: Bounds, alphas: Optional[Alphas] = None
                  splits: Optional[SplitState] = None, reference: Optional[list[Optional[Bounds]]] = None,
                  rows: Optional[dict[int, Tensor]] = None, method: str = "crown",
                  recompute_from: int = 0, deadline: Optional[float] = None,
-                 slopes: Optional[IntermediateSlopes] = None) -> list[Optional[Bounds]]:
+                 slopes: Optional[IntermediateSlopes] = None,
+                 budget: CrownBudget = CrownBudget()) -> list[Optional[Bounds]]:
     """Bounds of every node that a relaxation needs (others: IBP), in topological order.
 
     Each needed node gets IBP from its (already tightened) inputs, intersected with ``reference``
@@ -337,11 +340,15 @@ def crown_bounds(graph: BoundGraph, box: Bounds, alphas: Optional[Alphas] = None
     layers before the earliest new split cannot change). Past ``deadline`` (time.monotonic())
     no further backward pass runs: the bounds stay sound, only looser. ``slopes``: the lower
     slopes of those passes (``IntermediateSlopes``); ``alphas`` (alpha-CROWN's own, with
-    ``rows``) take precedence; without either, CROWN's choice.
+    ``rows``) take precedence; without either, CROWN's choice. ``budget``: the memory one
+    backward pass may take; its rows are bounded in chunks that fit (``CrownBudget``).
     """
     needed = set(graph.needs_bounds())
-    bounds: list[Optional[Bounds]] = [box]
+    bounds: list[Optional[Bounds]] = [Bounds(box.lower, box.upper)]
+    # each op's relaxation, formed once its inputs' bounds are final and reused by every later pass
+    lines: ReluLines = {}
     for i, node in enumerate(graph.nodes[1:], start=1):
+        _add_lines(graph, i - 1, bounds, lines)
         b = node.op.ibp(*(bounds[j] for j in node.inputs))
         b = widen_ibp(graph, i, b, bounds)   # float-soundness pass (issue 26)
         if i in needed:
@@ -354,15 +361,23 @@ def crown_bounds(graph: BoundGraph, box: Bounds, alphas: Optional[Alphas] = None
             if method == "crown" and not keep_reference and not late:
                 per_sample = None
                 if rows is None and alphas is None:
-                    per_sample = _crown_per_sample_rows(graph, i, b, bounds, splits, slopes)
+                    per_sample = _crown_per_sample_rows(graph, i, b, bounds, splits, slopes, box, budget)
                 if per_sample is not None:
                     b = per_sample if splits is None else splits.apply(i, per_sample)
                     bounds.append(b)
                     continue
                 sel = rows[i] if rows is not None and i in rows else unstable_rows(graph, i, b)
-                if len(sel):
-                    pass_alphas = alphas if alphas is not None or slopes is None else slopes.for_rows(i, sel)
-                    lb, ub = backward_bound(graph, i, None, None, bounds, box, pass_alphas, splits, start_rows=sel)
+                chunks = row_chunks(graph, i, sel, b.lower.shape[0], b.lower.element_size(), budget) if len(sel) else []
+                if chunks:
+                    parts = []
+                    for part in chunks:
+                        part_alphas = alphas if len(chunks) == 1 else _alpha_rows(alphas, i, part)
+                        pass_alphas = part_alphas if alphas is not None or slopes is None \
+                            else slopes.for_rows(i, sel[part])
+                        parts.append(backward_bound(graph, i, None, None, bounds, box, pass_alphas, splits,
+                                                    start_rows=sel[part], lines=lines))
+                    lb, ub = (parts[0] if len(parts) == 1 else
+                              (torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)))
                     flat_l, flat_u = b.lower.flatten(1), b.upper.flatten(1)
                     flat_l = flat_l.index_copy(1, sel, torch.maximum(flat_l[:, sel], lb))
                     flat_u = flat_u.index_copy(1, sel, torch.minimum(flat_u[:, sel], ub))
@@ -373,9 +388,35 @@ def crown_bounds(graph: BoundGraph, box: Bounds, alphas: Optional[Alphas] = None
     return bounds
 
 
+def _add_lines(graph: BoundGraph, last: int, bounds: list[Optional[Bounds]], lines: ReluLines) -> None:
+    """Relaxations (``Op.lines``) of the nonlinear consumers of node ``last`` whose inputs are all
+    bounded now (nodes <= last)."""
+    for c in graph.consumers[last]:
+        node = graph.nodes[c]
+        if node.op.nonlinear and c not in lines and max(node.inputs) == last:
+            found = node.op.lines(*(bounds[j] for j in node.inputs))
+            if found is not None:
+                lines[c] = found
+
+
+def _alpha_rows(alphas: Optional[Alphas], start: int, part: slice) -> Optional[Alphas]:
+    """The passes from ``start`` restricted to rows ``part`` of their slopes (N, S, *shape)."""
+    if alphas is None:
+        return None
+    return {key: tuple(None if a is None else a[:, part] for a in pair) for key, pair in alphas.items()
+            if key[0] == start}
+
+
 def relu_lines(graph: BoundGraph, bounds: list[Optional[Bounds]]) -> ReluLines:
-    """The relaxation of every ReLU under the given intermediate bounds."""
-    return {r: ReLU.relaxation(bounds[graph.nodes[r].inputs[0]]) for r in graph.relu_nodes()}
+    """The relaxation of every op that offers one to reuse (``Op.lines``) under the given
+    intermediate bounds."""
+    out = {}
+    for i, node in enumerate(graph.nodes[1:], start=1):
+        if node.op.nonlinear:
+            lines = node.op.lines(*(bounds[j] for j in node.inputs))
+            if lines is not None:
+                out[i] = lines
+    return out
 
 
 def output_bounds(graph: BoundGraph, box: Bounds, C: Tensor, bounds: list[Optional[Bounds]],

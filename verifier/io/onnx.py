@@ -9,22 +9,15 @@ import torch
 
 from ..errors import InputFileError, UnsupportedOperatorError
 from ..graph import BoundGraph
+from ..ops.registry import onnx_supported
 from .convert import build_graph
-
-# Operators that the converter can turn into bound ops, or fold when they act on constants only.
-SUPPORTED_OPS = {
-    "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Neg", "Conv", "BatchNormalization", "Relu", "Sigmoid", "Tanh",
-    "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Constant", "Pad", "Concat", "AveragePool",
-    "MaxPool", "Identity", "Dropout", "Shape", "Gather", "Slice", "Cast", "ConstantOfShape", "Expand",
-}
-
 
 def skip_torchvision_import() -> None:
     """Let onnx2torch load without torchvision, for a process that only verifies.
 
     onnx2torch imports torchvision at import time, for its NonMaxSuppression and RoiAlign
     converters only; torchvision pulls in torch._dynamo, which makes up half of the start-up of
-    every `certiprune verify` (about 1.3 s). Those operators are not in SUPPORTED_OPS, so a model
+    every `certiprune verify` (about 1.3 s). Those operators are not registered (``verifier.ops.registry``), so a model
     using them is rejected before conversion and the converters never run. Called by the CLI
     before its first ONNX load (not by the library: a user's own torchvision import must get the
     real package); does nothing if torchvision is already imported."""
@@ -82,12 +75,13 @@ def graph_input(model, path: str) -> tuple[str, tuple[int, ...], bool]:
 
 def load_onnx(path: str) -> OnnxModel:
     import onnx
+    import onnx.shape_inference
     import onnx.version_converter
     from onnx2torch import convert
 
     model = read_onnx(path)
     for node in model.graph.node:
-        if node.domain not in ("", "ai.onnx") or node.op_type not in SUPPORTED_OPS:
+        if node.domain not in ("", "ai.onnx") or not onnx_supported(node.op_type):
             raise UnsupportedOperatorError(
                 f"{path}: node '{node.name or node.output[0]}': operator {node.op_type} is not supported")
     name, layout, batched = graph_input(model, path)
@@ -98,13 +92,49 @@ def load_onnx(path: str) -> OnnxModel:
             model = onnx.version_converter.convert_version(model, 13)
         except Exception as exc:
             raise UnsupportedOperatorError(f"{path}: cannot upgrade opset {opset} to 13: {exc}") from None
+    try:   # shapes of intermediate values, which some onnx2torch converters read (BatchNorm's rank)
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception:   # a model whose shapes cannot be inferred converts as it is, or fails below
+        pass
     try:
-        gm = convert(model)
+        try:
+            gm = convert(model)
+        except NotImplementedError:
+            # onnx2torch reads some shapes (BatchNorm's rank) that static inference could not
+            # find (a Reshape to a computed shape): take them from one onnxruntime run
+            gm = convert(_with_runtime_shapes(model, name, layout))
     except NotImplementedError as exc:
         raise UnsupportedOperatorError(f"{path}: {exc}") from None
     except Exception as exc:
         raise InputFileError(f"{path}: conversion failed: {type(exc).__name__}: {exc}") from None
     return OnnxModel(path, gm.eval(), name, layout, batched)
+
+
+def _with_runtime_shapes(model, input_name: str, layout: tuple[int, ...]):
+    """The model with the shape of every intermediate value recorded in its value_info, as
+    onnxruntime computes them on a zero input of ``layout`` (float32 inputs only)."""
+    import numpy as np
+    import onnx
+    import onnxruntime
+    from onnx import helper
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    names = [out for node in probe.graph.node for out in node.output if out and out not in known]
+    for out in names:
+        probe.graph.output.append(helper.ValueInfoProto(name=out))
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = onnxruntime.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    values = session.run(names, {input_name: np.zeros(layout, dtype=np.float32)})
+    shaped = onnx.ModelProto()
+    shaped.CopyFrom(model)
+    del shaped.graph.value_info[:]
+    for out, value in zip(names, values):
+        if isinstance(value, np.ndarray) and value.dtype.kind in "fiub":
+            elem = helper.np_dtype_to_tensor_dtype(value.dtype)
+            shaped.graph.value_info.append(helper.make_tensor_value_info(out, elem, list(value.shape)))
+    return shaped
 
 
 def onnx_bound_graph(onnx_model: OnnxModel, device: torch.device, dtype: torch.dtype) -> BoundGraph:

@@ -22,6 +22,8 @@ from .base import BackwardResult, Bounds, Op, contract, magnitude
 
 class ReLU(Op):
     nonlinear = True
+    optimisable = True   # the lower slope of each unstable neuron, in [0, 1]
+    branchable = True
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.relu(x)
@@ -41,6 +43,16 @@ class ReLU(Op):
         upper_intercept = torch.where(unstable, -l * upper_slope, torch.zeros_like(u))
         lower_slope = torch.where(unstable, (u >= -l).to(u.dtype), active.to(u.dtype))
         return upper_slope, upper_intercept, lower_slope, unstable
+
+    def lines(self, b: Bounds) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.relaxation(b)
+
+    def loose(self, b: Bounds) -> Tensor:
+        return (b.lower < 0) & (b.upper > 0)
+
+    def init_slopes(self, b: Bounds) -> Tensor:
+        """CROWN's choice of lower slope: (N, *shape)."""
+        return self.relaxation(b)[2]
 
     def backward(self, lA: Optional[Tensor], uA: Optional[Tensor], b: Bounds,
                  alpha_l: Optional[Tensor] = None, alpha_u: Optional[Tensor] = None,

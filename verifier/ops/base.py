@@ -37,6 +37,36 @@ def constant(t: Tensor) -> Param:
     return lambda: t
 
 
+class LinearBound:
+    """Linear bounds ``lA·x + lbias <= f <= uA·x + ubias`` on a node's value x, for S objectives.
+
+    lA, uA: (N, S, *shape) or None (that side not asked for); lbias, ubias: (N, S), broadcastable,
+    or 0. The algebra the backward traversal needs: sum (``+``, two bounds on the same node: the
+    contributions of two consumers), ``shift`` (add constants to the biases) and ``is_empty``.
+    """
+
+    __slots__ = ("lA", "uA", "lbias", "ubias")
+
+    def __init__(self, lA: Optional[Tensor], uA: Optional[Tensor], lbias: Tensor | float = 0.0,
+                 ubias: Tensor | float = 0.0):
+        self.lA, self.uA, self.lbias, self.ubias = lA, uA, lbias, ubias
+
+    def __add__(self, other: "LinearBound") -> "LinearBound":
+        return LinearBound(_add_optional(self.lA, other.lA), _add_optional(self.uA, other.uA),
+                           self.lbias + other.lbias, self.ubias + other.ubias)
+
+    def shift(self, lbias: Tensor | float, ubias: Tensor | float) -> "LinearBound":
+        return LinearBound(self.lA, self.uA, self.lbias + lbias, self.ubias + ubias)
+
+    @property
+    def is_empty(self) -> bool:
+        return self.lA is None and self.uA is None
+
+
+def _add_optional(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
+    return b if a is None else (a if b is None else a + b)
+
+
 class Op:
     """One node's operation. Subclasses implement the three views of the same function.
 
@@ -45,9 +75,46 @@ class Op:
     - ``backward(lA, uA, *input_bounds)``: push linear bounds from the op's output to its
       inputs using the op's relaxation on the given input bounds.
     ``input_bounds`` are Bounds of the op's perturbed inputs (needed by nonlinear ops only).
+
+    Optional capabilities, which the bound passes use without knowing the op (defaults: absent):
+
+    - ``lines(*input_bounds)``: the relaxation computed once, passed back to ``backward`` as
+      ``lines=`` by a caller that bounds many times under the same input bounds;
+    - optimisable relaxations (alpha-CROWN): ``optimisable = True``, ``init_slopes(*bounds)``
+      the free parameters' starting point ``(N, *shape)`` (default: the op's ``default_alpha``)
+      and ``project_slopes(a)`` (in place, back into the feasible set; default [0, 1]);
+      ``backward`` then takes ``alpha_l``, ``alpha_u``, each ``(N, S, *shape)`` (or
+      broadcastable) or None, for the lA and the uA side;
+    - ``loose(b)``: (N, *in_shape) bool, the input neurons whose relaxation is not exact under
+      bounds b (CROWN only tightens those); None where every neuron may be loose;
+    - ``branchable = True``: branch and bound may split the op's input at 0 (ReLU);
+    - ``identity_rows(rows, N, in_shape)``: the backward pass of identity rows of its output, without the
+      one-hot product: (A on the input (N, S, *in_shape), bias (N or 1, S)) or None;
+    - ``bound_over_box(lA, uA, box)``: backward through the op *and* concretisation over a box
+      of its input in one step, (lb, ub) (N, S) each, or None where no faster route exists.
     """
 
     nonlinear = False  # needs bounds on its input for a relaxation
+    optimisable = False
+    branchable = False
+
+    def lines(self, *input_bounds: Bounds):
+        return None
+
+    def loose(self, b: Bounds) -> Optional[Tensor]:
+        return None
+
+    def identity_rows(self, rows: Tensor, N: int, in_shape: tuple[int, ...]):
+        return None
+
+    def bound_over_box(self, lA: Optional[Tensor], uA: Optional[Tensor], box: Bounds):
+        return None
+
+    def init_slopes(self, *input_bounds: Bounds) -> Tensor:
+        return self.default_alpha(*input_bounds)
+
+    def project_slopes(self, alpha: Tensor) -> None:
+        alpha.clamp_(0, 1)
 
     def forward(self, *xs: Tensor) -> Tensor:
         raise NotImplementedError

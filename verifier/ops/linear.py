@@ -58,6 +58,52 @@ class Linear(Op):
     def float_gain(self, error):
         return F.linear(error, self.weight().abs())
 
+    def identity_rows(self, rows: Tensor, N: int, in_shape: tuple[int, ...]):
+        """Identity rows of a 1-D output are rows of W: rows (S,) shared or (N, S) per sample ->
+        (A (N, S, in), bias (1 or N, S) or 0); None for a Linear on the last dim of a larger shape."""
+        W = self.weight()
+        if len(in_shape) != 1:
+            return None
+        A = W[rows] if rows.dim() == 2 else W[rows].unsqueeze(0).expand(N, len(rows), W.shape[1])
+        bias = 0.0
+        if self.bias is not None:
+            b = self.bias()[rows]
+            bias = b if rows.dim() == 2 else b.unsqueeze(0)
+        return A, bias
+
+    def bound_over_box(self, lA, uA, box: Bounds):
+        """Bounds over the box of ``A (W x + b)`` without materialising ``A W`` (N, S, d) at once:
+        formed a chunk of samples at a time and concretised at once, which is what the last step
+        of every backward pass costs. lA, uA: (N, S, out) or None; box: (N, d) -> lb, ub (N, S)
+        or None."""
+        if box.lower.dim() != 2:
+            return None
+        W = self.weight()
+        bias = self.bias() if self.bias is not None else None
+        center = (box.upper + box.lower) / 2
+        radius = (box.upper - box.lower) / 2
+
+        def bound(A: Tensor, sign: float) -> Tensor:
+            offset = 0.0 if bias is None else A.matmul(bias)
+            if A.shape[0] > 1 and A.stride(0) == 0:
+                A0W = A[0] @ W
+                return center @ A0W.t() + sign * (radius @ A0W.abs().t()) + offset
+            N, S = A.shape[:2]
+            step = max(1, _CHUNK_ELEMENTS // max(1, S * W.shape[1]))
+            out = torch.empty(N, S, dtype=A.dtype, device=A.device)
+            for n in range(0, N, step):
+                AW = A[n:n + step].matmul(W)                                   # (n_c, S, d)
+                part = (AW * center[n:n + step].unsqueeze(1)).sum(-1)
+                part += sign * AW.abs_().mul_(radius[n:n + step].unsqueeze(1)).sum(-1)
+                out[n:n + step] = part
+            return out + offset
+
+        return (None if lA is None else bound(lA, -1.0)), (None if uA is None else bound(uA, 1.0))
+
+
+# Elements of one chunk of ``A W`` in Linear.bound_over_box: small enough to stay in cache.
+_CHUNK_ELEMENTS = 1 << 20
+
 
 def _sum_shape(t: Tensor) -> Tensor:
     """(N, S, *rest) -> (N, S)."""
@@ -141,3 +187,78 @@ def _affine_error(products: Tensor, bias: Optional[Tensor], fan_in: int, fan_out
     if bias is not None:
         error = error + rounding.gamma(bias_terms + fan_out + 4) * bias
     return error
+
+
+class ConvTranspose2d(Op):
+    """Transposed 2-D convolution, per-sample ``(C_in, H, W) -> (C_out, H_out, W_out)``; weight
+    (C_in, C_out / groups, kh, kw). Affine, so bounded exactly: IBP by centre and radius, backward
+    by its adjoint, the convolution with the same weight (which maps (C_out, H_out, W_out) back to
+    (C_in, H, W) because output_padding < stride)."""
+
+    def __init__(self, weight: Param, bias: Optional[Param], stride, padding, output_padding, dilation,
+                 groups: int):
+        self.weight, self.bias = weight, bias
+        self.stride, self.padding, self.output_padding = stride, padding, output_padding
+        self.dilation, self.groups = dilation, groups
+
+    def _deconv(self, x: Tensor, W: Tensor, b: Optional[Tensor]) -> Tensor:
+        return F.conv_transpose2d(x, W, b, self.stride, self.padding, self.output_padding, self.groups,
+                                  self.dilation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._deconv(x, self.weight(), None if self.bias is None else self.bias())
+
+    def ibp(self, b: Bounds) -> Bounds:
+        W = self.weight()
+        center = self._deconv((b.upper + b.lower) / 2, W, None if self.bias is None else self.bias())
+        radius = self._deconv((b.upper - b.lower) / 2, W.abs(), None)
+        return Bounds(center - radius, center + radius)
+
+    def backward(self, lA, uA, *_) -> BackwardResult:
+        W = self.weight()
+
+        def adjoint(A: Tensor) -> Tensor:
+            N, S = A.shape[:2]
+            x = F.conv2d(A.reshape(N * S, *A.shape[2:]), W, None, self.stride, self.padding, self.dilation,
+                         self.groups)
+            return x.reshape(N, S, *x.shape[1:])
+
+        lA_in, uA_in = map_A(adjoint, lA, uA)
+        lbias = ubias = 0.0
+        if self.bias is not None:
+            b = self.bias()
+            lbias, ubias = map_A(lambda A: A.sum((-1, -2)).matmul(b), lA, uA)
+        return BackwardResult([(lA_in, uA_in)], lbias if lA is not None else 0.0,
+                              ubias if uA is not None else 0.0)
+
+
+class AffineMap(Op):
+    """Any affine map of the whole per-sample tensor, ``y = M vec(x) + c`` reshaped: M
+    (out_numel, in_numel), c (out_numel,). Found by probing source operators that are linear but
+    not a plain rearrangement (ReduceSum, ReduceMean, Resize with linear interpolation, ...).
+    Exact, like Linear."""
+
+    def __init__(self, matrix: Param, offset: Param, in_shape: tuple[int, ...], out_shape: tuple[int, ...]):
+        self.matrix, self.offset = matrix, offset
+        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x.flatten(1), self.matrix(), self.offset()).reshape(x.shape[0], *self.out_shape)
+
+    def ibp(self, b: Bounds) -> Bounds:
+        M = self.matrix()
+        center = F.linear(((b.upper + b.lower) / 2).flatten(1), M, self.offset())
+        radius = F.linear(((b.upper - b.lower) / 2).flatten(1), M.abs())
+        N = b.lower.shape[0]
+        return Bounds((center - radius).reshape(N, *self.out_shape), (center + radius).reshape(N, *self.out_shape))
+
+    def backward(self, lA, uA, *_) -> BackwardResult:
+        M, c = self.matrix(), self.offset()
+
+        def through(A: Tensor) -> Tensor:
+            flat = A.reshape(*A.shape[:2], -1)
+            return flat.matmul(M).reshape(*A.shape[:2], *self.in_shape)
+
+        lA_in, uA_in = map_A(through, lA, uA)
+        lbias, ubias = map_A(lambda A: A.reshape(*A.shape[:2], -1).matmul(c), lA, uA)
+        return BackwardResult([(lA_in, uA_in)], 0.0 if lbias is None else lbias, 0.0 if ubias is None else ubias)

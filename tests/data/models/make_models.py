@@ -238,6 +238,19 @@ def bad_exp_hidden() -> onnx.ModelProto:
     return g.model("bad_exp", [1, 4], [1, 2])
 
 
+def bad_erf_output() -> onnx.ModelProto:
+    g = Graph(10)
+    g.node("Erf", [g.node("Gemm", ["x", g.weight(3, 4), g.bias(3)], transB=1)])
+    return g.model("bad_erf", [1, 4], [1, 3])
+
+
+def bad_hardsigmoid_hidden() -> onnx.ModelProto:
+    g = Graph(11)
+    h = g.node("HardSigmoid", [g.node("Gemm", ["x", g.weight(3, 4), g.bias(3)], transB=1)])
+    g.node("Gemm", [h, g.weight(2, 3), g.bias(2)], transB=1)
+    return g.model("bad_hardsigmoid", [1, 4], [1, 2])
+
+
 def bad_nonfinite(where: str) -> onnx.ModelProto:
     g = Graph(10)
     w = g.rng.normal(size=(3, 4))
@@ -271,6 +284,8 @@ MODELS = {
     "pruned_mlp_symbolic_batch.onnx": pruned_mlp_symbolic_batch,
     "bad_softmax_output.onnx": bad_softmax_output,
     "bad_exp_hidden.onnx": bad_exp_hidden,
+    "bad_erf_output.onnx": bad_erf_output,
+    "bad_hardsigmoid_hidden.onnx": bad_hardsigmoid_hidden,
     "bad_nonfinite_weight.onnx": lambda: bad_nonfinite("weight"),
     "bad_nonfinite_bias.onnx": lambda: bad_nonfinite("bias"),
     "bad_nonfinite_conv_weight.onnx": lambda: bad_nonfinite("conv"),
