@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ..graph import BoundGraph
 from ..ops import Bounds
+from .budget import log
 from .crown import (Alphas, IntermediateSlopes, SplitState, crown_bounds, intersect, output_bounds, relu_lines,
                     unstable_rows)
 from .optim import Adam
@@ -28,6 +29,9 @@ class AlphaConfig:
     optimize_intermediate: bool = True  # also optimise slopes used for intermediate bounds
     early_stop_patience: int = 5        # stop when the objective has not improved for this many steps
     beta_lr: Optional[float] = None     # Adam step of beta-CROWN's split multipliers (None: ``lr``)
+    # the most the slopes (and their Adam state, gradients: counted 4x) may take; passes whose
+    # slopes do not fit keep CROWN's choice, largest first (see _fit_budget)
+    slope_memory_bytes: int = 2 << 30
 
     @property
     def multiplier_lr(self) -> float:
@@ -114,6 +118,7 @@ def alpha_crown(graph: BoundGraph, box: Bounds, C: Tensor, config: AlphaConfig =
         for i in needed:
             starts[i] = len(rows[i])
             upper_wanted[i] = True
+    starts = _fit_budget(graph, starts, upper_wanted, C.shape[0], C.element_size(), config.slope_memory_bytes)
     alphas = init_alphas(graph, starts, initial, upper_wanted, warm)
     betas = list(splits.betas.values()) if splits is not None else []
     params = [([a for pair in alphas.values() for a in pair if a is not None] + list(extra_params or []), config.lr),
@@ -130,6 +135,26 @@ def alpha_crown(graph: BoundGraph, box: Bounds, C: Tensor, config: AlphaConfig =
             return lb, None, initial, alphas
         return _optimise(graph, box, C, config, need_upper, initial, splits, alphas, params, betas, rows, record,
                          deadline)
+
+
+def _fit_budget(graph: BoundGraph, starts: dict[int, int], upper_wanted: dict[int, bool], N: int, itemsize: int,
+                memory_bytes: int) -> dict[int, int]:
+    """The passes (start node -> rows) whose slopes fit the memory budget: the largest
+    intermediate ones are dropped first (their bounds stay CROWN's), the output's last."""
+    def size(start: int) -> int:
+        sides = 2 if upper_wanted[start] else 1
+        return 4 * sides * N * starts[start] * itemsize * sum(graph.nodes[r].numel
+                                                             for r in _optimisable_before(graph, start))
+    kept = dict(starts)
+    total = sum(size(s) for s in kept)
+    for start in sorted(kept, key=lambda s: (s == graph.output, -size(s))):
+        if total <= memory_bytes:
+            break
+        total -= size(start)
+        del kept[start]
+        log.warning("alpha-CROWN: the slopes of the pass from node %d (%s) exceed the %.0f MiB budget; CROWN's kept",
+                    start, graph.nodes[start].name, memory_bytes / 2**20)
+    return kept
 
 
 def _optimise(graph, box, C, config, need_upper, initial, splits, alphas, params, betas, rows, record, deadline):

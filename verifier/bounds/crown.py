@@ -20,6 +20,7 @@ from torch import Tensor
 from ..graph import BoundGraph
 from ..ops import Bounds
 from ..ops.base import LinearBound, contract
+from .budget import CrownBudget, bytes_per_row, row_chunks
 from .ibp import ibp_bounds
 from .perturbation import LpBall, ball_concretize, take_rows
 
@@ -266,7 +267,8 @@ _GROUP_ROWS = 1 << 16
 def _crown_per_sample_rows(graph: BoundGraph, node: int, b: Bounds, bounds: list[Optional[Bounds]],
                            splits: Optional[SplitState] = None,
                            slopes: Optional[IntermediateSlopes] = None,
-                           box: Optional[Bounds | LpBall] = None) -> Optional[Bounds]:
+                           box: Optional[Bounds | LpBall] = None,
+                           budget: CrownBudget = CrownBudget()) -> Optional[Bounds]:
     """CROWN on each sample's own unstable neurons of a ReLU input ``node`` rather than on every
     neuron unstable in some sample: a large batch of boxes (or of branch-and-bound subdomains)
     has nearly every neuron unstable in one of them, while each has fewer. Samples are sorted by
@@ -293,6 +295,9 @@ def _crown_per_sample_rows(graph: BoundGraph, node: int, b: Bounds, bounds: list
     order = torch.argsort(counts, stable=True)
     order = order[counts[order] > 0].tolist()
     count_of = counts.tolist()
+    # a row of one sample: the widest node's coefficients of that sample
+    group_rows = min(_GROUP_ROWS, max(1, budget.memory_bytes // bytes_per_row(graph, node, 1, b.lower.element_size(),
+                                                                              budget)))
     flat_l, flat_u = b.lower.flatten(1).clone(), b.upper.flatten(1).clone()
     ancestors = graph.ancestors(node)[:-1]
     k = 0
@@ -300,7 +305,7 @@ def _crown_per_sample_rows(graph: BoundGraph, node: int, b: Bounds, bounds: list
         first_count = count_of[order[k]]
         end = k + 1
         while end < len(order) and count_of[order[end]] <= 1.25 * first_count + 4 \
-                and (end - k + 1) * count_of[order[end]] <= _GROUP_ROWS:
+                and (end - k + 1) * count_of[order[end]] <= group_rows:
             end += 1
         group = torch.tensor(order[k:end], device=b.lower.device)
         width = count_of[order[end - 1]]
@@ -329,7 +334,8 @@ def crown_bounds(graph: BoundGraph, box: Bounds, alphas: Optional[Alphas] = None
                  splits: Optional[SplitState] = None, reference: Optional[list[Optional[Bounds]]] = None,
                  rows: Optional[dict[int, Tensor]] = None, method: str = "crown",
                  recompute_from: int = 0, deadline: Optional[float] = None,
-                 slopes: Optional[IntermediateSlopes] = None) -> list[Optional[Bounds]]:
+                 slopes: Optional[IntermediateSlopes] = None,
+                 budget: CrownBudget = CrownBudget()) -> list[Optional[Bounds]]:
     """Bounds of every node that a relaxation needs (others: IBP), in topological order.
 
     Each needed node gets IBP from its (already tightened) inputs, intersected with ``reference``
@@ -340,7 +346,8 @@ def crown_bounds(graph: BoundGraph, box: Bounds, alphas: Optional[Alphas] = None
     layers before the earliest new split cannot change). Past ``deadline`` (time.monotonic())
     no further backward pass runs: the bounds stay sound, only looser. ``slopes``: the lower
     slopes of those passes (``IntermediateSlopes``); ``alphas`` (alpha-CROWN's own, with
-    ``rows``) take precedence; without either, CROWN's choice.
+    ``rows``) take precedence; without either, CROWN's choice. ``budget``: the memory one
+    backward pass may take; its rows are bounded in chunks that fit (``CrownBudget``).
     """
     needed = set(graph.needs_bounds())
     bounds: list[Optional[Bounds]] = [Bounds(box.lower, box.upper)]
@@ -356,15 +363,23 @@ def crown_bounds(graph: BoundGraph, box: Bounds, alphas: Optional[Alphas] = None
             if method == "crown" and not keep_reference and not late:
                 per_sample = None
                 if rows is None and alphas is None:
-                    per_sample = _crown_per_sample_rows(graph, i, b, bounds, splits, slopes, box)
+                    per_sample = _crown_per_sample_rows(graph, i, b, bounds, splits, slopes, box, budget)
                 if per_sample is not None:
                     b = per_sample if splits is None else splits.apply(i, per_sample)
                     bounds.append(b)
                     continue
                 sel = rows[i] if rows is not None and i in rows else unstable_rows(graph, i, b)
-                if len(sel):
-                    pass_alphas = alphas if alphas is not None or slopes is None else slopes.for_rows(i, sel)
-                    lb, ub = backward_bound(graph, i, None, None, bounds, box, pass_alphas, splits, start_rows=sel)
+                chunks = row_chunks(graph, i, sel, b.lower.shape[0], b.lower.element_size(), budget) if len(sel) else []
+                if chunks:
+                    parts = []
+                    for part in chunks:
+                        part_alphas = alphas if len(chunks) == 1 else _alpha_rows(alphas, i, part)
+                        pass_alphas = part_alphas if alphas is not None or slopes is None \
+                            else slopes.for_rows(i, sel[part])
+                        parts.append(backward_bound(graph, i, None, None, bounds, box, pass_alphas, splits,
+                                                    start_rows=sel[part]))
+                    lb, ub = (parts[0] if len(parts) == 1 else
+                              (torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)))
                     flat_l, flat_u = b.lower.flatten(1), b.upper.flatten(1)
                     flat_l = flat_l.index_copy(1, sel, torch.maximum(flat_l[:, sel], lb))
                     flat_u = flat_u.index_copy(1, sel, torch.minimum(flat_u[:, sel], ub))
@@ -373,6 +388,14 @@ def crown_bounds(graph: BoundGraph, box: Bounds, alphas: Optional[Alphas] = None
                         b = splits.apply(i, b)
         bounds.append(b)
     return bounds
+
+
+def _alpha_rows(alphas: Optional[Alphas], start: int, part: slice) -> Optional[Alphas]:
+    """The passes from ``start`` restricted to rows ``part`` of their slopes (N, S, *shape)."""
+    if alphas is None:
+        return None
+    return {key: tuple(None if a is None else a[:, part] for a in pair) for key, pair in alphas.items()
+            if key[0] == start}
 
 
 def relu_lines(graph: BoundGraph, bounds: list[Optional[Bounds]]) -> ReluLines:

@@ -15,6 +15,7 @@ same way for their scale and shift.
 from __future__ import annotations
 
 import itertools
+import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -25,7 +26,7 @@ from torch import Tensor
 
 from ..errors import DimensionMismatchError, ModelValueError, UnsupportedOperatorError
 from ..graph import BoundGraph, Node
-from ..ops import ElementwiseAffine, Rearrange
+from ..ops import AffineMap, ElementwiseAffine, Rearrange
 from ..ops.base import Param
 from ..ops.registry import Call, lookup
 
@@ -145,6 +146,28 @@ class _Builder:
         op = ElementwiseAffine(self.const(squeeze(scale)), self.const(squeeze(shift)))
         return Ref(self.add(op, (ref,), self.nodes[ref.index].shape), ref.batched)
 
+    def linear_map(self, fn: Callable[[Tensor], Tensor], ref: Ref, max_entries: int = 1 << 24) -> Ref:
+        """fn is affine in its perturbed input (ReduceSum, ReduceMean, linear Resize, ...): its
+        matrix (out_numel, in_numel) is found by probing fn at 0 and at every unit vector, checked
+        on random points, and becomes one AffineMap op."""
+        numel = self.nodes[ref.index].numel
+        offset = self.probe(fn, ref, torch.zeros(numel, dtype=torch.float64))
+        out_layout = tuple(offset.shape)
+        if offset.numel() * numel > max_entries:
+            raise self.fail(f"a linear map of {numel} -> {offset.numel()} entries is too large to form densely")
+        columns = [(self.probe(fn, ref, unit) - offset).reshape(-1)
+                   for unit in torch.eye(numel, dtype=torch.float64)]
+        matrix = torch.stack(columns, dim=1)                                  # (out, in)
+        for _ in range(2):
+            x = torch.randn(numel, dtype=torch.float64) * 3
+            expected = self.probe(fn, ref, x).reshape(-1)
+            if not torch.allclose(matrix @ x + offset.reshape(-1), expected, rtol=1e-7, atol=1e-7):
+                raise self.fail("is not linear in its perturbed input")
+        batched = self.out_ref(0, out_layout, ref.batched).batched
+        shape = self.per_sample(out_layout, batched)
+        op = AffineMap(self.const(matrix), self.const(offset.reshape(-1)), self.nodes[ref.index].shape, shape)
+        return Ref(self.add(op, (ref,), shape), batched)
+
     # ---- the conversion ------------------------------------------------------------------
     def run(self) -> BoundGraph:
         env: dict[fx.Node, Any] = {}
@@ -202,6 +225,8 @@ class _Builder:
     def convert(self, node: fx.Node, args, kwargs, refs: list[Ref]) -> Ref:
         """One call that depends on the perturbed input, by the registry's converter for it."""
         kind = self.modules[node.target] if node.op == "call_module" else node.target
+        if kind is operator.getitem and isinstance(args[0], (tuple, list)):
+            return args[0][args[1]]   # one output of a multi-output op (Split): already a node
         fn = self.callable_of(node, args, kwargs, refs[0])
         if len(set(refs)) == 1 and _is_shape_query(node, args):
             # x.size(0), x.shape, x.dim(): static per layout, so a constant of the graph.

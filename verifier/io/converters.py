@@ -13,8 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import DimensionMismatchError
-from ..ops import Concat, Conv2d, ElementwiseAffine, Linear, MaxPool2d, ReLU, Sigmoid, Sum, Tanh
+from ..errors import DimensionMismatchError, UnsupportedOperatorError
+from ..ops import Concat, Conv2d, ConvTranspose2d, ElementwiseAffine, Linear, MaxPool2d, ReLU, Sigmoid, Sum, Tanh
 from ..ops.base import Param
 from ..ops.registry import Call, register
 from .convert import Ref, _check_finite, _pair, name_of
@@ -225,6 +225,71 @@ def _convert_rearrange(builder, call: Call) -> Ref:
     return builder.rearrange(call.fn, _one(builder, call))
 
 
+def conv_transpose(builder, m: nn.ConvTranspose2d, ref: Ref) -> Ref:
+    shape = builder.nodes[ref.index].shape
+    if m.padding_mode != "zeros" or len(shape) != 3 or shape[0] != m.in_channels:
+        raise builder.fail(f"ConvTranspose2d needs zero padding and a ({m.in_channels}, H, W) input, got {shape}")
+    _check_finite(builder, m.weight)
+    op = ConvTranspose2d(builder.live(m, "weight"), builder.live(m, "bias"), m.stride, m.padding, m.output_padding,
+                         m.dilation, m.groups)
+    out = tuple(op.forward(torch.zeros(1, *shape, device=builder.device, dtype=builder.dtype)).shape[1:])
+    return Ref(builder.add(op, (ref,), out), ref.batched)
+
+
+def conv1d(builder, m: nn.Conv1d, ref: Ref) -> Ref:
+    """Conv1d on (..., C, L) (leading dims of size 1) as a Conv2d on (C, 1, L) between two
+    reshapes."""
+    layout = builder.layout(ref)
+    if isinstance(m.padding, str) or m.padding_mode != "zeros" or len(layout) < 2 or layout[-2] != m.in_channels \
+            or any(d != 1 for d in layout[:-2]):
+        raise builder.fail(f"Conv1d needs zero padding and a ({m.in_channels}, L) input, got layout {layout}")
+    _check_finite(builder, m.weight)
+    C, L = layout[-2:]
+    weight, bias = builder.live(m, "weight"), builder.live(m, "bias")
+    lead = (1,) if ref.batched else ()
+    planar = builder.rearrange(lambda x: x.reshape(*lead, C, 1, L), ref)
+    op = Conv2d(lambda: weight().unsqueeze(2), bias, (1, m.stride[0]), (0, m.padding[0]), (1, m.dilation[0]),
+                m.groups, (C, 1, L))
+    out = tuple(op.forward(torch.zeros(1, C, 1, L, device=builder.device, dtype=builder.dtype)).shape[1:])
+    conv = Ref(builder.add(op, (planar,), out), planar.batched)
+    return builder.rearrange(lambda x: x.reshape(*layout[:-2], out[0], out[2]), conv)
+
+
+def _convert_split(builder, call: Call):
+    """Split: one rearrangement per output (a tuple of Refs; getitem picks one)."""
+    ref = _one(builder, call)
+    with torch.no_grad():
+        outputs = call.fn(torch.zeros(builder.layout(ref), device=builder.module_device))
+    if not isinstance(outputs, (tuple, list)):
+        raise builder.fail("Split did not return a tuple")
+    return tuple(builder.rearrange(lambda x, k=k: call.fn(x)[k], ref) for k in range(len(outputs)))
+
+
+def _convert_pow(builder, call: Call) -> Ref:
+    """x ** p with a constant exponent: p = 1 is the identity; others need a nonlinear op."""
+    ref = _one(builder, call)
+    exponent = call.args[1] if len(call.args) > 1 else call.kwargs.get("exponent")
+    if isinstance(exponent, Ref):
+        raise builder.fail("Pow with a perturbed exponent is not supported")
+    value = torch.as_tensor(exponent, dtype=torch.float64)
+    if bool((value == 1).all()):
+        return builder.elementwise_affine(call.fn, ref)
+    raise builder.fail(f"Pow with exponent {value.flatten()[:4].tolist()} is not supported")
+
+
+def _convert_linear_map(builder, call: Call) -> Ref:
+    return builder.linear_map(call.fn, _one(builder, call))
+
+
+def _convert_resize(builder, call: Call) -> Ref:
+    """Resize: nearest is a rearrangement, linear interpolation an affine map."""
+    ref = _one(builder, call)
+    try:
+        return builder.rearrange(call.fn, ref)
+    except UnsupportedOperatorError:
+        return builder.linear_map(call.fn, ref)
+
+
 def register_builtins() -> None:
     """The operators the verifier supports out of the box (ONNX types through onnx2torch's
     modules, PyTorch modules and functions through torch.fx)."""
@@ -259,12 +324,34 @@ def register_builtins() -> None:
                       "OnnxExpand"],
              functions=["flatten", "reshape", "view", "permute", "transpose", "squeeze", "unsqueeze", "contiguous",
                         "getitem", "unflatten", "pad", "narrow", "clone", "detach", "float", "to", "expand"])
-    # folded when they act on constants only (shape plumbing)
-    register(convert=_constant_only, onnx=["Constant", "Shape", "Cast", "ConstantOfShape"])
+    register(convert=_convert_module(conv_transpose), onnx=["ConvTranspose"], modules=[nn.ConvTranspose2d])
+    register(convert=_convert_module(conv1d), modules=[nn.Conv1d])
+    register(convert=_convert_split, onnx=["Split"], modules=["OnnxSplit", "OnnxSplit13"],
+             functions=[torch.split, "split", torch.chunk, "chunk", torch.unbind, "unbind"])
+    register(convert=_convert_pow, onnx=["Pow"], modules=["OnnxPow"], functions=[torch.pow, operator.pow, "pow"])
+    register(convert=_convert_linear_map, onnx=["ReduceSum", "ReduceMean"],
+             modules=["OnnxReduceSumStaticAxes", "OnnxReduceSumDynamicAxes", "OnnxReduceStaticAxes"],
+             functions=[torch.sum, torch.mean, "sum", "mean"])
+    register(convert=_convert_resize, onnx=["Resize", "Upsample"], modules=["OnnxResize", nn.Upsample],
+             functions=[F.interpolate, "interpolate"])
+    register(convert=_convert_rearrange, onnx=["Cast", "Where", "Tile"], modules=["OnnxCast", "OnnxWhere", "OnnxTile"],
+             functions=[torch.where, "where", "tile", "repeat"])
+    register(convert=_convert_shape, onnx=["Shape"], modules=["OnnxShape"])
+    # folded when they act on constants only (shape plumbing); refused on a perturbed value
+    register(convert=_constant_only, onnx=["Constant", "ConstantOfShape", "Equal", "ArgMax", "Range", "Less", "Greater",
+                                           "Not", "And", "Or"],
+             modules=["OnnxConstantOfShape", "OnnxRange", "OnnxCompare", "OnnxArgExtremumOld", "OnnxArgExtremum"])
+
+
+def _convert_shape(builder, call: Call):
+    """The shape of a perturbed value is a constant (static per sample)."""
+    ref = _one(builder, call)
+    with torch.no_grad():
+        return call.fn(torch.zeros(builder.layout(ref), device=builder.module_device))
 
 
 def _constant_only(builder, call: Call) -> Ref:
-    raise builder.fail("supported on constants only, not on a value that depends on the input")
+    raise builder.fail("supported on constants only (shape plumbing), not on a value that depends on the input")
 
 
 register_builtins()

@@ -137,3 +137,78 @@ class Conv2d(Op):
             lbias, ubias = map_A(lambda A: A.sum((-1, -2)).matmul(b), lA, uA)
         return BackwardResult([(lA_in, uA_in)], lbias if lA is not None else 0.0,
                               ubias if uA is not None else 0.0)
+
+
+class ConvTranspose2d(Op):
+    """Transposed 2-D convolution, per-sample ``(C_in, H, W) -> (C_out, H_out, W_out)``; weight
+    (C_in, C_out / groups, kh, kw). Affine, so bounded exactly: IBP by centre and radius, backward
+    by its adjoint, the convolution with the same weight (which maps (C_out, H_out, W_out) back to
+    (C_in, H, W) because output_padding < stride)."""
+
+    def __init__(self, weight: Param, bias: Optional[Param], stride, padding, output_padding, dilation,
+                 groups: int):
+        self.weight, self.bias = weight, bias
+        self.stride, self.padding, self.output_padding = stride, padding, output_padding
+        self.dilation, self.groups = dilation, groups
+
+    def _deconv(self, x: Tensor, W: Tensor, b: Optional[Tensor]) -> Tensor:
+        return F.conv_transpose2d(x, W, b, self.stride, self.padding, self.output_padding, self.groups,
+                                  self.dilation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._deconv(x, self.weight(), None if self.bias is None else self.bias())
+
+    def ibp(self, b: Bounds) -> Bounds:
+        W = self.weight()
+        center = self._deconv((b.upper + b.lower) / 2, W, None if self.bias is None else self.bias())
+        radius = self._deconv((b.upper - b.lower) / 2, W.abs(), None)
+        return Bounds(center - radius, center + radius)
+
+    def backward(self, lA, uA, *_) -> BackwardResult:
+        W = self.weight()
+
+        def adjoint(A: Tensor) -> Tensor:
+            N, S = A.shape[:2]
+            x = F.conv2d(A.reshape(N * S, *A.shape[2:]), W, None, self.stride, self.padding, self.dilation,
+                         self.groups)
+            return x.reshape(N, S, *x.shape[1:])
+
+        lA_in, uA_in = map_A(adjoint, lA, uA)
+        lbias = ubias = 0.0
+        if self.bias is not None:
+            b = self.bias()
+            lbias, ubias = map_A(lambda A: A.sum((-1, -2)).matmul(b), lA, uA)
+        return BackwardResult([(lA_in, uA_in)], lbias if lA is not None else 0.0,
+                              ubias if uA is not None else 0.0)
+
+
+class AffineMap(Op):
+    """Any affine map of the whole per-sample tensor, ``y = M vec(x) + c`` reshaped: M
+    (out_numel, in_numel), c (out_numel,). Found by probing source operators that are linear but
+    not a plain rearrangement (ReduceSum, ReduceMean, Resize with linear interpolation, ...).
+    Exact, like Linear."""
+
+    def __init__(self, matrix: Param, offset: Param, in_shape: tuple[int, ...], out_shape: tuple[int, ...]):
+        self.matrix, self.offset = matrix, offset
+        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x.flatten(1), self.matrix(), self.offset()).reshape(x.shape[0], *self.out_shape)
+
+    def ibp(self, b: Bounds) -> Bounds:
+        M = self.matrix()
+        center = F.linear(((b.upper + b.lower) / 2).flatten(1), M, self.offset())
+        radius = F.linear(((b.upper - b.lower) / 2).flatten(1), M.abs())
+        N = b.lower.shape[0]
+        return Bounds((center - radius).reshape(N, *self.out_shape), (center + radius).reshape(N, *self.out_shape))
+
+    def backward(self, lA, uA, *_) -> BackwardResult:
+        M, c = self.matrix(), self.offset()
+
+        def through(A: Tensor) -> Tensor:
+            flat = A.reshape(*A.shape[:2], -1)
+            return flat.matmul(M).reshape(*A.shape[:2], *self.in_shape)
+
+        lA_in, uA_in = map_A(through, lA, uA)
+        lbias, ubias = map_A(lambda A: A.reshape(*A.shape[:2], -1).matmul(c), lA, uA)
+        return BackwardResult([(lA_in, uA_in)], 0.0 if lbias is None else lbias, 0.0 if ubias is None else ubias)
