@@ -117,6 +117,15 @@ def choose_points(op: Op, b: Bounds, min_width: float) -> SplitChoice:
     return SplitChoice(point, gain)
 
 
+def middle_points(b: Bounds, min_width: float) -> SplitChoice:
+    """Split at the middle of each interval (N, *shape); the gain is the width (a product's
+    McCormick gap is proportional to each factor's width), -inf below ``min_width``."""
+    width = b.upper - b.lower
+    splittable = (width > min_width) & torch.isfinite(width)
+    point = torch.where(splittable, (b.lower + b.upper) / 2, torch.zeros_like(width))
+    return SplitChoice(point, torch.where(splittable, width, torch.full_like(width, -float("inf"))))
+
+
 def weighted_scores(choice: SplitChoice, coefficients: Optional[Tensor], relu: bool) -> Tensor:
     """Scores (N, numel) of splitting each neuron: the gap a split removes weighted by the
     lower bound's coefficients on the op's output (N, S, *shape), summed over objectives

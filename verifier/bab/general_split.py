@@ -34,7 +34,7 @@ from ..ops import Bounds
 from ..runtime import is_out_of_memory
 from ..spec import RegionSpec
 from .attacks import SearchAttacks
-from .branching import choose_points, weighted_scores
+from .branching import choose_points, middle_points, weighted_scores
 from .config import BabConfig
 from .domains import DomainStore, StoreFull
 from .records import SubdomainRecords
@@ -42,19 +42,31 @@ from .relu_split import ReluSplitSearch
 
 
 class SplitLayout:
-    """The split nodes of a graph: (op node, its input z) for every splittable or branchable
-    op, and a flat numbering of the z neurons."""
+    """The split nodes of a graph and a flat numbering of their neurons: (op node, its input z,
+    kind) with kind "element" for the input of a splittable or branchable op, "factor" for each
+    input of a non-linear op of several perturbed inputs (a product of two variables, the
+    maximum of two tensors: split at the middle of the factor's interval, which narrows the op's
+    relaxation, e.g. McCormick's planes)."""
 
     def __init__(self, graph: BoundGraph):
         pairs, seen = [], set()
         for i, node in enumerate(graph.nodes):
             op = node.op
-            if op is not None and (op.splittable or op.branchable) and len(node.inputs) == 1 \
-                    and node.inputs[0] != 0 and node.inputs[0] not in seen:
-                seen.add(node.inputs[0])
-                pairs.append((i, node.inputs[0]))
+            if op is None or not op.nonlinear:
+                continue
+            if (op.splittable or op.branchable) and len(node.inputs) == 1:
+                candidates, kind = node.inputs, "element"
+            elif len(node.inputs) > 1:
+                candidates, kind = node.inputs, "factor"
+            else:
+                continue
+            for z in candidates:
+                if z != 0 and z not in seen:
+                    seen.add(z)
+                    pairs.append((i, z, kind))
         self.ops = [p[0] for p in pairs]
         self.z_nodes = [p[1] for p in pairs]
+        self.kinds = [p[2] for p in pairs]
         self.sizes = [graph.nodes[z].numel for z in self.z_nodes]
         self.offsets = [sum(self.sizes[:k]) for k in range(len(self.sizes))]
 
@@ -67,7 +79,8 @@ class SplitLayout:
 
 def has_general_splits(graph: BoundGraph) -> bool:
     """Whether the graph has a non-linearity other than ReLU that this search can split."""
-    return any(n.op is not None and n.op.splittable and not n.op.branchable for n in graph.nodes)
+    layout = SplitLayout(graph)
+    return any(kind == "factor" or not graph.nodes[op].op.branchable for op, kind in zip(layout.ops, layout.kinds))
 
 
 @dataclass
@@ -153,10 +166,14 @@ class GeneralSplitSearch:
         """The neuron each domain splits next and its point: (M,) flat index (-1 where nothing
         can be split) and (M,) point."""
         scores, points = [], []
-        for op_node, z in zip(self.layout.ops, self.layout.z_nodes):
+        for op_node, z, kind in zip(self.layout.ops, self.layout.z_nodes, self.layout.kinds):
             op = self.graph.nodes[op_node].op
-            choice = choose_points(op, bounds[z], self.general.min_width)
-            scores.append(weighted_scores(choice, record.get(op_node), relu=not op.splittable))
+            if kind == "factor":
+                choice = middle_points(bounds[z], self.general.min_width)
+                scores.append(weighted_scores(choice, None, relu=False))
+            else:
+                choice = choose_points(op, bounds[z], self.general.min_width)
+                scores.append(weighted_scores(choice, record.get(op_node), relu=not op.splittable))
             points.append(choice.point.flatten(1))
         scores, points = torch.cat(scores, 1), torch.cat(points, 1)
         best, index = scores.max(1)
