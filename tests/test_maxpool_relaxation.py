@@ -92,3 +92,55 @@ def test_alpha_crown_on_maxpool_is_no_looser_than_crown_and_contains_samples(see
     with torch.no_grad():
         y = net(x) @ C[0].T
     assert torch.all(y >= lb - TOL) and torch.all(y <= ub + TOL)
+
+
+def tiny_maxpool_net(seed: int) -> nn.Sequential:
+    """3 inputs (1, 1, 3) -> conv (4, 1, 2) -> ReLU -> max-pool over the 2 columns -> 2 outputs."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 6, (1, 2)), nn.ReLU(), nn.MaxPool2d((1, 2)), nn.Flatten(),
+                         nn.Linear(6, 2)).double().eval()
+
+
+def min_brackets(net: nn.Sequential, graph, c: torch.Tensor, cells: int = 40) -> tuple[float, float]:
+    """(a sound lower bound, an attained value) of min over [-1, 1]^3 of c . net(x): CROWN on every
+    cell of a cells^3 subdivision (each sound, so their minimum is), and the least value at the
+    cells' corners and centres."""
+    edges = torch.linspace(-1, 1, cells + 1, dtype=torch.float64)
+    lo = torch.cartesian_prod(edges[:-1], edges[:-1], edges[:-1]).view(-1, 1, 1, 3)
+    hi = torch.cartesian_prod(edges[1:], edges[1:], edges[1:]).view(-1, 1, 1, 3)
+    box = Bounds(lo, hi)
+    with torch.no_grad():
+        lb, _ = output_bounds(graph, box, c.view(1, 1, -1).expand(len(lo), 1, -1), crown_bounds(graph, box),
+                              need_upper=False)
+        values = net(torch.cat([lo, hi, (lo + hi) / 2])) @ c
+    return float(lb.min()), float(values.min())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_search_decides_tiny_maxpool_nets_as_subdivision_and_sampling_say(seed):
+    import numpy as np
+    from verifier.bab.config import BabConfig
+    from verifier.io.vnnlib import InputRegion, OutputConstraint, Property
+    from verifier.verify import VerifyConfig, verify
+
+    net = tiny_maxpool_net(seed)
+    model = BoundedModel(net, dtype=torch.float64)
+    graph = model.graph((1, 1, 3))
+    c = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    lower_bound, attained = min_brackets(net, graph, c)
+    assert attained - lower_bound < 0.05                      # the brackets are tight
+    box = Bounds(-torch.ones(1, 1, 1, 3, dtype=torch.float64), torch.ones(1, 1, 1, 3, dtype=torch.float64))
+    with torch.no_grad():
+        root, _ = output_bounds(graph, box, c.view(1, 1, 2), crown_bounds(graph, box), need_upper=False)
+    below = lower_bound - 0.5 * (lower_bound - float(root[0, 0]))   # holds; CROWN alone does not prove it
+    assert float(root[0, 0]) < below
+    lower, upper = -np.ones(3), np.ones(3)
+    config = VerifyConfig(timeout=60, bab=BabConfig(input_split="off"))
+    for rhs, expected in ((below, "unsat"), (attained + 0.005, "sat")):
+        prop = Property("<test>", 3, 2, (InputRegion(lower, upper, (OutputConstraint(
+            c.numpy().reshape(1, -1), np.array([rhs])),)),))
+        result = verify(model, prop, config)
+        assert result.status == expected, (seed, rhs, lower_bound, attained)
+        if expected == "sat":
+            x, y = result.counterexample
+            assert np.all(x >= lower) and np.all(x <= upper) and c.numpy() @ y <= rhs + 1e-9
