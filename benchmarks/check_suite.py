@@ -11,7 +11,11 @@ relative to the folder; ``.vnnlib.gz`` is read by the parser). Per instance:
 3. ``--points`` points in the spec's input box (its centre and uniform random points, in at most
    ``--regions`` regions) go through the bound graph's forward pass and through onnxruntime on
    the original ONNX file; the largest absolute output deviation must be within
-   ``--tolerance`` · max(1, |y|).
+   ``--tolerance`` · max(1, |y|);
+4. bounds contain samples: on the first checked region of each spec, CROWN bounds (intermediate
+   passes stop after ``--bound-seconds``; what is left keeps IBP bounds, sound) of the spec's
+   rows (or the outputs, at most 64 of them) contain the bound graph's outputs at
+   ``--bound-points`` points of the region, up to ``--tolerance``.
 
 One line per failure, a summary per suite; exit status 1 if anything failed.
 """
@@ -40,6 +44,9 @@ class SuiteReport:
     worst_instance: str = ""
     load_seconds: float = 0.0
     parse_seconds: float = 0.0
+    bound_seconds: float = 0.0
+    bounded: int = 0            # regions whose bounds were checked against samples
+    mean_width: float = 0.0     # the largest mean bound width among them
 
 
 def sample_points(lower: np.ndarray, upper: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -67,8 +74,10 @@ def check_instance(model, runtime, vnnlib_path: str, args, rng, report: SuiteRep
     chosen = sorted({0, len(prop.regions) - 1} | set(rng.choice(len(prop.regions),
                                                                 min(args.regions, len(prop.regions)),
                                                                 replace=False).tolist()))[:args.regions]
-    for r in chosen:
+    for k, r in enumerate(chosen):
         region = prop.regions[r]
+        if k == 0 and args.bound_points > 0:
+            check_bounds(model, region, args, rng, report, label, r)
         points = sample_points(region.lower, region.upper, args.points, rng)
         with torch.no_grad():
             ours = model.forward(torch.as_tensor(points).reshape(-1, *graph.input_shape))
@@ -82,6 +91,32 @@ def check_instance(model, runtime, vnnlib_path: str, args, rng, report: SuiteRep
                 return
             if deviation > report.max_deviation:
                 report.max_deviation, report.worst_instance = deviation, label
+
+
+def check_bounds(model, region, args, rng, report: SuiteReport, label: str, r: int) -> None:
+    """CROWN bounds of the region contain the bound graph's outputs at sampled points."""
+    from verifier.bounds.crown import backward_bound, crown_bounds
+    from verifier.ops import Bounds
+    graph = model.graph()
+    n_out = graph.nodes[graph.output].numel
+    lower = torch.as_tensor(region.lower, dtype=torch.float32).reshape(1, *graph.input_shape)
+    upper = torch.as_tensor(region.upper, dtype=torch.float32).reshape(1, *graph.input_shape)
+    C = torch.eye(n_out)[:64] if n_out <= 64 else torch.as_tensor(rng.standard_normal((8, n_out)), dtype=torch.float32)
+    C = C.reshape(1, C.shape[0], *graph.output_shape)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        box = Bounds(lower, upper)
+        bounds = crown_bounds(graph, box, deadline=time.monotonic() + args.bound_seconds)
+        lb, ub = backward_bound(graph, graph.output, C, C, bounds, box)
+        points = torch.as_tensor(sample_points(region.lower, region.upper, args.bound_points, rng))
+        values = model.forward(points.reshape(-1, *graph.input_shape)).reshape(len(points), -1) @ C[0].flatten(1).t()
+    report.bound_seconds += time.perf_counter() - t0
+    slack = args.tolerance * values.abs().clamp(min=1.0)
+    below, above = (lb - values - slack).max(), (values - ub - slack).max()
+    if not (torch.isfinite(lb).all() and torch.isfinite(ub).all()) or below > 0 or above > 0:
+        report.failures.append(f"FAIL {label}: region {r}: bounds miss a sample by {float(max(below, above)):.3g}")
+    report.bounded += 1
+    report.mean_width = max(report.mean_width, float((ub - lb).mean()))
 
 
 def check_suite(suite_dir: str, args) -> SuiteReport:
@@ -134,6 +169,10 @@ def main(argv=None) -> int:
     parser.add_argument("--regions", type=int, default=2, help="regions per spec checked (default 2)")
     parser.add_argument("--tolerance", type=float, default=1e-4,
                         help="allowed |ours - onnxruntime| / max(1, |y|) (default 1e-4)")
+    parser.add_argument("--bound-points", type=int, default=256,
+                        help="points per spec whose outputs the bounds must contain (0: no bound check)")
+    parser.add_argument("--bound-seconds", type=float, default=30.0,
+                        help="time for CROWN's intermediate passes per spec (default 30)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = parser.parse_args(argv)
@@ -146,6 +185,8 @@ def main(argv=None) -> int:
         print(f"{report.suite}: {report.instances} instances, {report.models} models, "
               f"{len(report.failures)} failures; max |ours - onnxruntime| = {report.max_deviation:.3g}"
               f"{f' ({report.worst_instance})' if report.worst_instance else ''}; "
+              f"bounds checked on {report.bounded} regions (largest mean width {report.mean_width:.3g}, "
+              f"{report.bound_seconds:.1f} s); "
               f"model loading {report.load_seconds:.1f} s, spec parsing {report.parse_seconds:.1f} s, "
               f"total {time.perf_counter() - t0:.1f} s", flush=True)
     print("OK" if total_failures == 0 else f"{total_failures} FAILURES")

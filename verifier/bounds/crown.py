@@ -210,7 +210,7 @@ def backward_bound(graph: BoundGraph, start: int, lA: Optional[Tensor], uA: Opti
             record[i] = lA_i
         kwargs = {}
         if alphas is not None and (start, i) in alphas:
-            kwargs["alpha"] = alphas[(start, i)]
+            kwargs["alpha_l"], kwargs["alpha_u"] = alphas[(start, i)]
         if lines is not None and i in lines:
             kwargs["lines"] = lines[i]
         result = op.backward(lA_i, uA_i, *(bounds[j] for j in node.inputs), **kwargs)
@@ -351,7 +351,10 @@ def crown_bounds(graph: BoundGraph, box: Bounds, alphas: Optional[Alphas] = None
     """
     needed = set(graph.needs_bounds())
     bounds: list[Optional[Bounds]] = [Bounds(box.lower, box.upper)]
+    # each op's relaxation, formed once its inputs' bounds are final and reused by every later pass
+    lines: ReluLines = {}
     for i, node in enumerate(graph.nodes[1:], start=1):
+        _add_lines(graph, i - 1, bounds, lines)
         b = node.op.ibp(*(bounds[j] for j in node.inputs))
         if i in needed:
             if reference is not None and reference[i] is not None:
@@ -377,7 +380,7 @@ def crown_bounds(graph: BoundGraph, box: Bounds, alphas: Optional[Alphas] = None
                         pass_alphas = part_alphas if alphas is not None or slopes is None \
                             else slopes.for_rows(i, sel[part])
                         parts.append(backward_bound(graph, i, None, None, bounds, box, pass_alphas, splits,
-                                                    start_rows=sel[part]))
+                                                    start_rows=sel[part], lines=lines))
                     lb, ub = (parts[0] if len(parts) == 1 else
                               (torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)))
                     flat_l, flat_u = b.lower.flatten(1), b.upper.flatten(1)
@@ -388,6 +391,17 @@ def crown_bounds(graph: BoundGraph, box: Bounds, alphas: Optional[Alphas] = None
                         b = splits.apply(i, b)
         bounds.append(b)
     return bounds
+
+
+def _add_lines(graph: BoundGraph, last: int, bounds: list[Optional[Bounds]], lines: ReluLines) -> None:
+    """Relaxations (``Op.lines``) of the nonlinear consumers of node ``last`` whose inputs are all
+    bounded now (nodes <= last)."""
+    for c in graph.consumers[last]:
+        node = graph.nodes[c]
+        if node.op.nonlinear and c not in lines and max(node.inputs) == last:
+            found = node.op.lines(*(bounds[j] for j in node.inputs))
+            if found is not None:
+                lines[c] = found
 
 
 def _alpha_rows(alphas: Optional[Alphas], start: int, part: slice) -> Optional[Alphas]:

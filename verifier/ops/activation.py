@@ -54,16 +54,12 @@ class ReLU(Op):
         """CROWN's choice of lower slope: (N, *shape)."""
         return self.relaxation(b)[2]
 
-    def project_slopes(self, alpha: Tensor) -> None:
-        alpha.clamp_(0, 1)
-
     def backward(self, lA: Optional[Tensor], uA: Optional[Tensor], b: Bounds,
-                 alpha: Optional[tuple[Optional[Tensor], Optional[Tensor]]] = None,
+                 alpha_l: Optional[Tensor] = None, alpha_u: Optional[Tensor] = None,
                  lines: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None) -> BackwardResult:
-        """lA, uA: (N, S, *shape); alpha: optional (alpha_l, alpha_u) lower slopes of unstable
-        neurons, (N, S, *shape) or broadcastable, used on the lA (resp. uA) side. ``lines``: this
-        op's ``relaxation(b)`` computed once by a caller that bounds many times with the same ``b``."""
-        alpha_l, alpha_u = (None, None) if alpha is None else alpha
+        """lA, uA: (N, S, *shape); alpha_l, alpha_u: optional lower slopes of unstable neurons,
+        (N, S, *shape) or broadcastable, used on the lA (resp. uA) side. ``lines``: this op's
+        ``relaxation(b)`` computed once by a caller that bounds many times with the same ``b``."""
         upper_slope, upper_intercept, lower_slope, unstable = self.relaxation(b) if lines is None else lines
         up_s = upper_slope.unsqueeze(1)
         lA_in = uA_in = None

@@ -80,10 +80,11 @@ class Op:
 
     - ``lines(*input_bounds)``: the relaxation computed once, passed back to ``backward`` as
       ``lines=`` by a caller that bounds many times under the same input bounds;
-    - optimisable relaxations (alpha-CROWN): ``optimisable = True``, ``init_slopes(b)`` the
-      free parameters' starting point ``(N, *in_shape)`` and ``project_slopes(a)`` (in place,
-      back into the feasible set); ``backward`` then takes ``alpha=(alpha_l, alpha_u)``, each
-      ``(N, S, *in_shape)`` (or broadcastable) or None, for the lA and the uA side;
+    - optimisable relaxations (alpha-CROWN): ``optimisable = True``, ``init_slopes(*bounds)``
+      the free parameters' starting point ``(N, *shape)`` (default: the op's ``default_alpha``)
+      and ``project_slopes(a)`` (in place, back into the feasible set; default [0, 1]);
+      ``backward`` then takes ``alpha_l``, ``alpha_u``, each ``(N, S, *shape)`` (or
+      broadcastable) or None, for the lA and the uA side;
     - ``loose(b)``: (N, *in_shape) bool, the input neurons whose relaxation is not exact under
       bounds b (CROWN only tightens those); None where every neuron may be loose;
     - ``branchable = True``: branch and bound may split the op's input at 0 (ReLU);
@@ -113,11 +114,11 @@ class Op:
     def bound_over_box(self, lA: Optional[Tensor], uA: Optional[Tensor], box: Bounds):
         return None
 
-    def init_slopes(self, b: Bounds) -> Tensor:
-        raise NotImplementedError
+    def init_slopes(self, *input_bounds: Bounds) -> Tensor:
+        return self.default_alpha(*input_bounds)
 
     def project_slopes(self, alpha: Tensor) -> None:
-        raise NotImplementedError
+        alpha.clamp_(0, 1)
 
     def forward(self, *xs: Tensor) -> Tensor:
         raise NotImplementedError

@@ -96,7 +96,7 @@ def lookup(kind: Any) -> Optional[Conversion]:
         candidates += [kind, getattr(kind, "__name__", None)]
     else:   # a module instance
         candidates += [*type(kind).__mro__[:-1], type(kind).__name__]
-        for attribute in ("function", "math_op_function"):
+        for attribute in ("function", "math_op_function", "round_function"):
             wrapped = getattr(kind, attribute, None)
             if wrapped is not None:
                 candidates += [wrapped, getattr(wrapped, "__name__", None)]
