@@ -40,7 +40,7 @@ def test_maxpool_lines_contain_the_maximum_for_any_parameters(kernel, stride, pa
         init = op.init_slopes(b).unsqueeze(1).expand(1, S, *op.init_slopes(b).shape[1:])
         noise = torch.rand(init.shape, generator=gen, dtype=torch.float64)
         alpha = (noise, noise.flip(1)) if params == "random" else (noise * 6 - 3, -noise)   # unprojected too
-    result = op.backward(A, A, b, alpha=alpha)
+    result = op.backward(A, A, b, *(alpha or ()))
     lA, uA = result.input_A[0]
     x = b.lower + torch.rand(20_000, *in_shape, generator=gen, dtype=torch.float64) * (b.upper - b.lower)
     x = torch.cat([x, torch.where(torch.rand(2_000, *in_shape, generator=gen) < 0.5, b.lower, b.upper)])  # corners
@@ -64,7 +64,7 @@ def test_maxpool_default_parameters_are_crowns_relaxation():
     assert lA[0, 1, 0, 0, 2] == -1 and lA[0, 1].abs().sum() == 1
     assert float(result.lbias[0, 0]) == 0.0 and float(result.lbias[0, 1]) == -3.0
     init = op.init_slopes(b).unsqueeze(1).expand(1, 2, *op.init_slopes(b).shape[1:])
-    again = op.backward(A, None, b, alpha=(init, None))
+    again = op.backward(A, None, b, alpha_l=init)
     assert torch.equal(again.input_A[0][0], lA) and torch.equal(again.lbias, result.lbias)
 
 

@@ -80,12 +80,11 @@ class MaxPool2d(Op):
     def project_slopes(self, alpha: Tensor) -> None:
         alpha.clamp_(0, 1)   # lower weights are normalised per window in ``backward``
 
-    def backward(self, lA, uA, b: Bounds, alpha: Optional[tuple[Optional[Tensor], Optional[Tensor]]] = None
+    def backward(self, lA, uA, b: Bounds, alpha_l: Optional[Tensor] = None, alpha_u: Optional[Tensor] = None
                  ) -> BackwardResult:
-        """lA, uA: (N, S, C, H', W'); alpha: optional (alpha_l, alpha_u), each
+        """lA, uA: (N, S, C, H', W'); alpha_l, alpha_u: optional parameters, each
         (N, S, C, K + 1, L) or broadcastable, for the lA (resp. uA) side (``init_slopes``)."""
         onehot_j, onehot_k, decided, valid, u_k, l_k, M = self._window_lines(b)
-        alpha_l, alpha_u = (None, None) if alpha is None else alpha
 
         def lines(a: Optional[Tensor]):
             """(lower weights (N|1, S|1, C, K, L), t and c (N|1, S|1, C, L)) for parameters a."""
