@@ -166,7 +166,7 @@ def _optimise(graph, box, C, config, need_upper, initial, splits, alphas, params
     lines = None if config.optimize_intermediate else relu_lines(graph, initial)
     for _ in range(config.iterations):
         if config.optimize_intermediate:
-            bounds = crown_bounds(graph, box, alphas, splits, reference=best_bounds, rows=rows)
+            bounds = crown_bounds(graph, box, alphas, splits, reference=best_bounds, rows=rows, deadline=deadline)
         else:
             bounds = initial
         lb, ub = output_bounds(graph, box, C, bounds, need_upper, alphas, splits, lines=lines)
@@ -194,7 +194,7 @@ def _optimise(graph, box, C, config, need_upper, initial, splits, alphas, params
         _project(graph, alphas, betas)
     # evaluate the final iterate too: the last step may have improved it
     with torch.no_grad():
-        bounds = crown_bounds(graph, box, alphas, splits, reference=best_bounds, rows=rows) \
+        bounds = crown_bounds(graph, box, alphas, splits, reference=best_bounds, rows=rows, deadline=deadline) \
             if config.optimize_intermediate else initial
         lb, ub = output_bounds(graph, box, C, bounds, need_upper, alphas, splits, record=record, lines=lines)
         best_lb = torch.maximum(best_lb, lb)
