@@ -7,14 +7,14 @@ first so the keys match.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from pruning.atomic import save_torch_atomic
 from pruning.data import dataset_info
-from pruning.errors import PruningError
+from pruning.errors import PruningError, PruningFileError
 from pruning.models import build_model
 from pruning.sparsity import apply_masks, masks_from_state_dict
 
@@ -26,12 +26,8 @@ def save_checkpoint(path: Path, model: nn.Module, meta: dict) -> Path:
     for key in ("model", "dataset"):
         if key not in meta:
             raise PruningError(f"checkpoint meta lacks {key!r}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"format": FORMAT, "meta": dict(meta), "model": model.state_dict()}, tmp)
-    os.replace(tmp, path)
-    return path
+    return save_torch_atomic({"format": FORMAT, "meta": dict(meta), "model": model.state_dict()},
+                             Path(path))
 
 
 def load_checkpoint(
@@ -43,13 +39,13 @@ def load_checkpoint(
     """
     path = Path(path)
     if not path.is_file():
-        raise PruningError(f"checkpoint not found: {path}")
+        raise PruningFileError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # torch raises many types for a corrupt or foreign file
-        raise PruningError(f"{path} is not a certiprune checkpoint: {err}") from None
+        raise PruningFileError(f"{path} is not a certiprune checkpoint: {err}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise PruningError(f"{path} is not a certiprune checkpoint (format {FORMAT})")
+        raise PruningFileError(f"{path} is not a certiprune checkpoint (format {FORMAT})")
     meta = state["meta"]
     model = build_model(meta["model"], dataset_info(meta["dataset"]))
     apply_masks(model, masks_from_state_dict(state["model"]))
@@ -57,7 +53,7 @@ def load_checkpoint(
         model.load_state_dict(state["model"])
     except RuntimeError as err:
         first = str(err).splitlines()[0] if str(err) else "shape mismatch"
-        raise PruningError(
+        raise PruningFileError(
             f"{path}: weights do not fit model {meta['model']!r} on {meta['dataset']}: {first}"
         ) from None
     return model.to(device=device, dtype=dtype).eval(), meta

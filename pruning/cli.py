@@ -10,21 +10,21 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from pruning.atomic import write_json_atomic
 from pruning.checkpoint import load_checkpoint, save_checkpoint
 from pruning.data import ImageData, dataset_info, load_dataset, resolve_data_dir
 from pruning.errors import PruningError
 from pruning.evaluate import accuracy, pgd_accuracy, unstable_relus
-from pruning.models import MODELS, build_model
+from pruning.models import LAYER_SCOPES, MODELS, build_model
 from pruning.objectives import REGIMES, AttackConfig, make_regime
 from pruning.sparsity import (
-    SCOPES, check_sparsity, format_report, layer_weights, make_permanent,
+    SCOPES, check_sparsity, format_report, make_permanent,
     overall_sparsity, sparsity_report,
 )
 from pruning.train import TrainConfig, train
@@ -62,8 +62,7 @@ def _log(message: str) -> None:
 
 
 def _write_json(path: Path, summary: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=2) + "\n")
+    write_json_atomic(path, summary, indent=2)
     _log(f"wrote {path}")
 
 
@@ -85,10 +84,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _device(args) -> tuple[torch.device, torch.dtype]:
-    try:
-        return torch.device(args.device), DTYPES[args.dtype]
-    except RuntimeError as err:
-        raise PruningError(f"bad --device {args.device!r}: {err}") from None
+    """The device and dtype of ``--device`` / ``--dtype``: ``verifier.errors.check_device``
+    (exit code 8 for a device this machine lacks, 2 for a malformed name)."""
+    from verifier.errors import check_device
+
+    check_device(args.device)
+    return torch.device(args.device), DTYPES[args.dtype]
 
 
 def _data(args, dataset: str, device, dtype) -> tuple[ImageData, ImageData]:
@@ -156,77 +157,49 @@ def add_train_parser(subparsers) -> None:
     set_handler(parser, "train", run_train)
 
 
-def _train_objective(args, attack: AttackConfig, model, device, dtype):
-    """The regime's objective, plus the NRS loss with ``--nrs`` / ``--rs-weight``."""
-    ramp = args.ramp_epochs if args.ramp_epochs is not None else args.epochs / 2
-    objective = make_regime(args.regime, attack, ramp_epochs=ramp,
-                            grad_align_weight=args.grad_align_weight)
-    if not (args.nrs or args.rs_weight is not None):
-        return objective, {}
-    from pruning.bounds import bounded_model
-    from pruning.methods.nrs import NRSConfig, NRSRegularised, default_rs_weight
-
-    weight = args.rs_weight if args.rs_weight is not None else default_rs_weight(objective)
-    objective = NRSRegularised(objective, bounded_model(model, device, dtype), attack.eps, weight,
-                               attack.lower, attack.upper, NRSConfig(gamma_pow=args.gamma_pow))
-    return objective, {"rs_weight": weight, "gamma_pow": args.gamma_pow}
-
-
 def run_train(args) -> int:
+    from pruning.recipes import DenseRecipe, train_dense
     from pruning.train import regime_train_config
 
     start = time.perf_counter()
-    if not 0 <= args.rewind_epoch <= args.epochs:
-        raise PruningError(f"--rewind-epoch {args.rewind_epoch} is not in 0..{args.epochs} "
-                           "(the training epochs)")
     if args.regime not in REGIMES:
         raise PruningError(f"unknown training regime {args.regime!r}; choose one of "
                            f"{', '.join(REGIMES)}")
     if args.model not in MODELS:
         raise PruningError(f"unknown model {args.model!r}; choose one of "
                            f"{', '.join(sorted(MODELS))}")
+    if not 0 <= args.rewind_epoch <= args.epochs:
+        raise PruningError(f"--rewind-epoch {args.rewind_epoch} is not in 0..{args.epochs} "
+                           "(the training epochs)")
     device, dtype = _device(args)
-    info = dataset_info(args.dataset)
+    dataset_info(args.dataset)
     eps = args.eps if args.eps is not None else DEFAULT_EPS[args.dataset]
     attack = _attack(args, eps)
     config = regime_train_config(args.regime, epochs=args.epochs, batch_size=args.batch_size,
                                  lr=args.lr, optimizer=args.optimizer, seed=args.seed,
                                  weight_decay=args.weight_decay, lr_schedule=args.lr_schedule)
+    regulariser = "nrs" if (args.nrs or args.rs_weight is not None) else None
+    recipe = DenseRecipe(model=args.model, dataset=args.dataset, regime=args.regime,
+                         attack=attack, train=config, seed=args.seed,
+                         rewind_epoch=args.rewind_epoch, ramp_epochs=args.ramp_epochs,
+                         grad_align_weight=args.grad_align_weight, regulariser=regulariser,
+                         rs_weight=args.rs_weight, gamma_pow=args.gamma_pow)
     train_data, test_data = _data(args, args.dataset, device, dtype)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)
-        model = build_model(args.model, info).to(device=device, dtype=dtype)
-    objective, extra = _train_objective(args, attack, model, device, dtype)
-    meta = {"model": args.model, "dataset": args.dataset, "regime": args.regime, "eps": eps,
-            "seed": args.seed, **extra}
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / "init.pt").is_file():
-        save_checkpoint(out / "init.pt", model, {**meta, "epoch": 0})
-        if args.rewind_epoch == 0:
-            save_checkpoint(out / "rewind.pt", model, {**meta, "epoch": 0})
-
-    def snapshot(epoch, trained):
-        if epoch == args.rewind_epoch:
-            save_checkpoint(out / "rewind.pt", trained, {**meta, "epoch": epoch})
-
+    nrs = f" + NRS {args.rs_weight or 'default'}" if regulariser else ""
     _log(f"training {args.model} on {args.dataset} ({len(train_data)} images), regime "
-         f"{args.regime}{' + NRS ' + str(extra['rs_weight']) if extra else ''}, eps {eps}, "
-         f"{args.epochs} epochs, {config.optimizer} lr {config.lr} ({config.lr_schedule})")
-    history = train(model, objective, train_data, config,
-                    eval_data=test_data, eval_attack=attack, checkpoint=out / "train.ckpt",
-                    after_epoch=snapshot, progress=not args.quiet)
-    save_checkpoint(out / "model.pt", model, {**meta, "epoch": args.epochs})
+         f"{args.regime}{nrs}, eps {eps}, {args.epochs} epochs, {config.optimizer} lr "
+         f"{config.lr} ({config.lr_schedule})")
+    model, meta, history = train_dense(recipe, train_data, args.out, eval_data=test_data,
+                                       device=device, dtype=dtype, progress=not args.quiet)
     summary = {"command": "train", **meta, "train_config": dataclasses.asdict(config),
                "attack": dataclasses.asdict(attack),
-               "objective": type(objective).__name__,
                "epochs": [dataclasses.asdict(h) for h in history],
                **_metrics(model, test_data, attack, "none", device, dtype),
                "seconds": time.perf_counter() - start}
     _log(f"clean accuracy {summary['clean_accuracy']:.4f}, PGD accuracy "
          f"{summary['pgd_accuracy']:.4f} (eps {eps}) on {len(test_data)} test images")
-    _log(f"wrote {out / 'model.pt'}")
-    _write_json(out / "train.json", summary)
+    _log(f"wrote {args.out / 'model.pt'}")
+    _write_json(args.out / "train.json", summary)
     return 0
 
 
@@ -249,8 +222,12 @@ def add_prune_parser(subparsers) -> None:
                              f"(default {DEFAULT_RATE} unless --sparsity is given)")
     parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS,
                         help=f"iterative rounds (default {DEFAULT_ROUNDS})")
-    parser.add_argument("--scope", choices=SCOPES, default="global",
-                        help="unstructured methods: one threshold over all layers or per layer")
+    parser.add_argument("--scope", choices=SCOPES,
+                        help="one threshold over all layers (global) or per layer (default: "
+                             "global for unstructured, layer for structured methods)")
+    parser.add_argument("--layers", choices=LAYER_SCOPES, default="all",
+                        help="prune every Linear and Conv2d (all) or only the Conv2d layers "
+                             "(conv, as the paper; default all)")
     parser.add_argument("--schedule", choices=SCHEDULES,
                         help="default: iterative for imp, one-shot otherwise")
     parser.add_argument("--rewind", choices=REWINDS, default="rewind_lt")
@@ -300,78 +277,58 @@ def _schedule_and_target(args, method):
                           scope=args.scope), target
 
 
-def _companion(checkpoint: Path, name: str, meta: dict, device, dtype):
-    """The model in ``name`` (init.pt / rewind.pt) beside ``checkpoint``; must be the same
-    zoo model on the same dataset."""
-    model, other = load_checkpoint(checkpoint.parent / name, device, dtype)
-    if (other["model"], other["dataset"]) != (meta["model"], meta["dataset"]):
-        raise PruningError(f"{checkpoint.parent / name} holds {other['model']} on "
-                           f"{other['dataset']}, but {checkpoint} holds {meta['model']} on "
-                           f"{meta['dataset']}")
-    return model
-
-
 def run_prune(args) -> int:
-    from pruning.methods import PruneContext, get_method
-    from pruning.methods.structured import (
-        channel_report, check_channel_fraction, mask_existing_zeros,
-    )
-    from pruning.schedule import RoundEvaluator, run_schedule
+    from pruning.methods import get_method
+    from pruning.methods.structured import channel_report
+    from pruning.recipes import PruneRecipe, prune_checkpoint
+    from pruning.schedule import RoundEvaluator
 
     start = time.perf_counter()
     device, dtype = _device(args)
     method = get_method(args.method)
+    scope = args.scope or ("layer" if method.structured else "global")
+    args = argparse.Namespace(**{**vars(args), "scope": scope})
     schedule, target = _schedule_and_target(args, method)
-    model, meta = load_checkpoint(args.checkpoint, device, dtype)
-    if args.at_init:
-        model = _companion(args.checkpoint, "init.pt", meta, device, dtype)
-    if "method" in meta:  # an already pruned checkpoint: its zeros stay zeros
-        mask_existing_zeros(model)
-    if method.structured:
-        check_channel_fraction(model, target)
+    meta = load_checkpoint(args.checkpoint)[1]
     regime = args.regime or meta.get("regime", "standard")
     eps = args.eps if args.eps is not None else meta.get("eps", DEFAULT_EPS[meta["dataset"]])
     attack = _attack(args, eps)
-    early_state = None
-    if schedule.kind == "iterative" and schedule.rewind != "pt":
-        source = "rewind.pt" if schedule.rewind == "rewind_lt" else "init.pt"
-        early_state = layer_weights(_companion(args.checkpoint, source, meta, device, dtype))
+    recipe = PruneRecipe(
+        method=args.method, target=target, schedule=schedule, regime=regime, attack=attack,
+        finetune=TrainConfig(epochs=args.finetune_epochs, batch_size=args.batch_size,
+                             lr=args.lr, optimizer=args.optimizer, seed=args.seed),
+        score_training=TrainConfig(epochs=args.score_epochs, batch_size=args.batch_size,
+                                   lr=args.score_lr, seed=args.seed),
+        layers=args.layers, stability_weight=args.stability_weight,
+        score_batches=args.score_batches, slim_penalty=args.slim_penalty, seed=args.seed,
+        at_init=args.at_init)
     train_data, test_data = _data(args, meta["dataset"], device, dtype)
-    finetune = TrainConfig(epochs=args.finetune_epochs, batch_size=args.batch_size, lr=args.lr,
-                           optimizer=args.optimizer, seed=args.seed)
-    ctx = PruneContext(
-        data=train_data, objective=make_regime(regime, attack), attack=attack, device=device,
-        dtype=dtype, score_training=TrainConfig(epochs=args.score_epochs,
-                                                batch_size=args.batch_size, lr=args.score_lr,
-                                                seed=args.seed),
-        stability_weight=args.stability_weight, score_batches=args.score_batches,
-        slim_penalty=args.slim_penalty, seed=args.seed, progress=not args.quiet,
-    )
     what = "channel fraction" if method.structured else "sparsity"
     _log(f"pruning {meta['model']} ({args.checkpoint}{', initial weights' if args.at_init else ''})"
-         f" with {args.method} to {what} {target:.4g} ({args.scope}, {schedule.kind}"
-         + (f", {schedule.rounds} rounds, rewind {schedule.rewind}" if schedule.kind == "iterative"
-            else "") + f"), fine-tuning {args.finetune_epochs} epochs under {regime}")
-    model.train()
-    rounds = run_schedule(
-        model, method, target, schedule, ctx, finetune, args.out / "rounds",
-        early_state=early_state,
+         f" with {args.method} to {what} {target:.4g} ({scope}, layers {args.layers}, "
+         f"{schedule.kind}" + (f", {schedule.rounds} rounds, rewind {schedule.rewind}"
+                               if schedule.kind == "iterative" else "")
+         + f"), fine-tuning {args.finetune_epochs} epochs under {regime}")
+    model, meta, rounds = prune_checkpoint(
+        recipe, args.checkpoint, train_data, args.out / "rounds",
         evaluate=RoundEvaluator(test_data, attack, n_bound_images=args.bound_images),
-    )
+        device=device, dtype=dtype, progress=not args.quiet)
     make_permanent(model)
     model.eval()
     report = sparsity_report(model)
     save_checkpoint(args.out / "model.pt", model,
                     {**meta, "regime": regime, "eps": eps, "method": args.method,
-                     "sparsity": target, "scope": args.scope})
+                     "sparsity": target, "scope": scope, "layers": args.layers})
     metrics = _metrics(model, test_data, attack, args.count_unstable, device, dtype)
     summary = {"command": "prune", "checkpoint": str(args.checkpoint), "method": args.method,
                "schedule": dataclasses.asdict(schedule), "target_sparsity": target,
                "structured": method.structured, "at_init": args.at_init,
+               "layer_scope": args.layers,
                "sparsity": overall_sparsity(report), "channels": channel_report(model),
                "regime": regime, **metrics,
                "layers": {r.name: {"shape": list(r.shape), "n_weights": r.n_weights,
-                                   "n_zero": r.n_zero, "sparsity": r.sparsity} for r in report},
+                                      "n_zero": r.n_zero, "sparsity": r.sparsity}
+                             for r in report},
                "rounds": rounds, "seconds": time.perf_counter() - start}
     _log(format_report(report))
     _log(f"clean accuracy {metrics['clean_accuracy']:.4f}, PGD accuracy "

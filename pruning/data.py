@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pruning.errors import PruningError
+from pruning.errors import PruningError, PruningFileError
 
 DATA_ENV = "CERTIPRUNE_DATA"
 
@@ -109,7 +109,7 @@ def _find_idx(raw: Path, stem: str) -> Path:
     for candidate in (raw / f"{stem}.gz", raw / stem):
         if candidate.is_file():
             return candidate
-    raise PruningError(f"dataset file missing: expected {raw / stem}[.gz]")
+    raise PruningFileError(f"dataset file missing: expected {raw / stem}[.gz]")
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -119,14 +119,14 @@ def read_idx(path: Path) -> np.ndarray:
         with opener(path, "rb") as handle:
             data = handle.read()
     except OSError as err:
-        raise PruningError(f"cannot read IDX file {path}: {err}") from None
+        raise PruningFileError(f"cannot read IDX file {path}: {err}") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise PruningError(f"{path} is not an IDX file of unsigned bytes")
+        raise PruningFileError(f"{path} is not an IDX file of unsigned bytes")
     n_dims = data[3]
     dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(n_dims))
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * n_dims)
     if body.size != int(np.prod(dims)):
-        raise PruningError(f"{path}: header says {dims} but holds {body.size} bytes")
+        raise PruningFileError(f"{path}: header says {dims} but holds {body.size} bytes")
     return body.reshape(dims)
 
 
@@ -144,7 +144,7 @@ def _load_idx_pair(raw: Path, split: str) -> ImageData:
     images = read_idx(_find_idx(raw, f"{prefix}-images-idx3-ubyte"))
     labels = read_idx(_find_idx(raw, f"{prefix}-labels-idx1-ubyte"))
     if images.shape[0] != labels.shape[0]:
-        raise PruningError(f"{raw}: {images.shape[0]} images but {labels.shape[0]} labels")
+        raise PruningFileError(f"{raw}: {images.shape[0]} images but {labels.shape[0]} labels")
     return ImageData(
         torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1),
         torch.from_numpy(labels.astype(np.int64)),
@@ -157,7 +157,7 @@ def _load_cifar10(folder: Path, split: str) -> ImageData:
     for name in names:
         path = folder / name
         if not path.is_file():
-            raise PruningError(f"dataset file missing: expected {path}")
+            raise PruningFileError(f"dataset file missing: expected {path}")
         with open(path, "rb") as handle:
             batch = pickle.load(handle, encoding="bytes")
         images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))

@@ -124,6 +124,14 @@ MODELS: dict[str, Callable[[DatasetInfo], nn.Sequential]] = {
     ),
     "cnn_base_bn": lambda info: cnn(info, ((8, *_K4S2), (16, *_K4S2)), (100,), batch_norm=True),
     "cifar_model": lambda info: cnn(info, ((8, *_K4S2), (16, *_K4S2)), (100,), batch_norm=True),
+    # The paper's main network (VITA-Group/CertifiedPruning, models/FeedforwardNets.py,
+    # cifar_model_deep): 32 k3s1, 64 k4s2, 64 k3s1, 128 k4s2, 128 k4s2 (each + BN), fc 100.
+    # The last conv (k4 s2 p1) takes 32x32 -> 4x4 (fc 2048 -> 100) and, in the greyscale
+    # variant, 28x28 -> 3x3 (fc 1152 -> 100), as the paper's `greyscale=True`.
+    "cifar_model_deep": lambda info: cnn(
+        info, ((32, *_K3S1), (64, *_K4S2), (64, *_K3S1), (128, *_K4S2), (128, *_K4S2)), (100,),
+        batch_norm=True,
+    ),
     "cifar_base": lambda info: cnn(info, ((32, *_K5S2), (128, *_K4S2)), (250,), batch_norm=True),
     "deep": lambda info: cnn(
         info, ((32, *_K3S1), (64, *_K4S2), (64, *_K3S1), (128, *_K4S2), (128, *_K3S1)), (100,),
@@ -157,6 +165,25 @@ def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
         for name, module in model.named_modules()
         if isinstance(module, (nn.Linear, nn.Conv2d))
     ]
+
+
+LAYER_SCOPES = ("conv", "all")  # which layers unstructured / channel pruning touches
+
+
+def scoped_layers(model: nn.Module, layers: str = "all") -> list[tuple[str, nn.Module]]:
+    """``prunable_layers`` restricted to ``layers``: "all" (every Linear and Conv2d) or "conv"
+    (the Conv2d layers only, as the paper's code prunes: VITA-Group/CertifiedPruning
+    ``pruner.py`` collects ``nn.Conv2d`` weights only, so the classifier and fc layers stay
+    dense). A scope that selects no layer of ``model`` is an error."""
+    if layers not in LAYER_SCOPES:
+        raise PruningError(f"unknown layer scope {layers!r}; choose one of "
+                           f"{', '.join(LAYER_SCOPES)}")
+    chosen = [(name, module) for name, module in prunable_layers(model)
+              if layers == "all" or isinstance(module, nn.Conv2d)]
+    if not chosen:
+        raise PruningError(f"layer scope {layers!r} selects no layer of this model (it has no "
+                           "Conv2d); use layers = \"all\"")
+    return chosen
 
 
 def flat_layers(model: nn.Module) -> list[nn.Module]:

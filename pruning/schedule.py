@@ -32,6 +32,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from pruning.atomic import save_torch_atomic, write_json_atomic
 from pruning.data import ImageData
 from pruning.errors import PruningError
 from pruning.evaluate import accuracy, pgd_accuracy
@@ -40,7 +41,7 @@ from pruning.methods.structured import channel_report, prune_channels
 from pruning.objectives import AttackConfig, input_box, with_eps_ramp
 from pruning.sparsity import (
     all_masks, apply_masks, check_sparsity, clone_model, make_permanent, masks_from_state_dict,
-    overall_sparsity, prune_by_scores, rewind, sparsity_report,
+    overall_sparsity, prune_by_scores, rewind, rewind_full, scoped_sparsity, sparsity_report,
 )
 from pruning.train import TrainConfig, train
 
@@ -71,6 +72,29 @@ class ScheduleConfig:
 def round_targets(sparsity: float, rounds: int) -> list[float]:
     """Sparsity after each round: ``1 − (1 − S)^{r/R}``, the last one exactly ``S``."""
     return [1 - (1 - sparsity) ** (r / rounds) for r in range(1, rounds)] + [sparsity]
+
+
+@dataclasses.dataclass(frozen=True)
+class Ladder:
+    """The paper's ladder: ``rounds`` rounds, each pruning ``rate`` of what remains, so round
+    ``r`` ends at sparsity ``1 − (1 − rate)^r`` (weights for unstructured methods, units for
+    structured ones). The paper: unstructured 0.2 × 16 (to 0.9719), channels 0.11 × 12 (to
+    0.7530)."""
+
+    rate: float
+    rounds: int
+
+    def __post_init__(self):
+        if not 0.0 < self.rate < 1.0 or self.rounds < 1:
+            raise PruningError(f"a ladder needs a rate in (0, 1) and rounds ≥ 1, got rate "
+                               f"{self.rate}, rounds {self.rounds}")
+
+    def targets(self) -> list[float]:
+        return [1 - (1 - self.rate) ** r for r in range(1, self.rounds + 1)]
+
+
+UNSTRUCTURED_LADDER = Ladder(0.2, 16)
+CHANNEL_LADDER = Ladder(0.11, 12)
 
 
 def iterative_target(rounds: int, rate: float | None = None,
@@ -111,6 +135,8 @@ class RoundEvaluator:
     test_data: ImageData
     attack: AttackConfig
     n_bound_images: int = 32
+    chunk: int = 8  # images bounded together by CROWN (memory: see unstable_relus)
+    methods: tuple[str, ...] = ("ibp", "crown")
 
     def __call__(self, model: nn.Module) -> dict:
         metrics = {"clean_accuracy": accuracy(model, self.test_data),
@@ -130,11 +156,24 @@ class RoundEvaluator:
         x = self.test_data.images[: self.n_bound_images]
         lo, hi = input_box(x, self.attack.eps, self.attack.lower, self.attack.upper)
         result = {"n_bound_images": len(x)}
-        for method in ("ibp", "crown"):
-            bounds = bounded.relu_bounds(lo, hi, method=method)
-            n_relus = sum(l[0].numel() for l, _ in bounds)
-            unstable = sum(((l < 0) & (u > 0)).flatten(1).sum(1) for l, u in bounds)
-            mean = float(unstable.float().mean()) if bounds else 0.0
+        for method in self.methods:
+            # CROWN's intermediate bounds cost memory in proportion to images x neurons of a
+            # layer (about 1.2 GB per image on cifar_model_deep): bound `chunk` images at a time
+            chunk = len(x) if method == "ibp" else self.chunk
+            per_layer: list[torch.Tensor] = []
+            for start in range(0, len(x), chunk):
+                bounds = bounded.relu_bounds(lo[start:start + chunk], hi[start:start + chunk],
+                                             method=method)
+                counts = [((l < 0) & (u > 0)).flatten(1).sum(1) for l, u in bounds]
+                per_layer = counts if not per_layer else [
+                    torch.cat([a, b]) for a, b in zip(per_layer, counts)]
+            n_relus = sum(int(l[0].numel()) for l, _ in bounds)
+            unstable = sum(per_layer)
+            mean = float(unstable.float().mean()) if per_layer else 0.0
+            # absolute counts per ReLU layer, mean over the images (not ratios: a pruned
+            # layer's dead units would otherwise dilute them)
+            result[f"unstable_per_layer_{method}"] = [float(c.float().mean()) for c in per_layer]
+            result["relus_per_layer"] = [int(l[0].numel()) for l, _ in bounds]
             result[f"mean_unstable_relus_{method}"] = mean
             result[f"unstable_ratio_{method}"] = mean / max(n_relus, 1)
         result["n_relus"] = n_relus
@@ -215,28 +254,43 @@ def run_schedule(
     finetune: TrainConfig,
     workdir: Path,
     *,
-    early_state: tuple[dict, dict] | None = None,
+    early_state: dict | tuple[dict, dict] | None = None,
     evaluate: Evaluator | None = None,
     eval_kwargs: dict | None = None,
+    targets: list[float] | None = None,
+    stop_after: int | None = None,
+    meta: dict | None = None,
 ) -> list[dict]:
     """Prune ``model`` in place to ``sparsity`` under ``schedule``; returns one summary per round.
 
-    early_state: ``(weights, biases)`` per layer name (``sparsity.layer_weights``) to rewind to;
-    required by iterative schedules with ``rewind`` "rewind_lt" or "lt". evaluate(model) -> dict
-    of metrics merged into each round's summary (e.g. ``RoundEvaluator``); eval_kwargs go to
-    ``train`` (per-epoch evaluation). Mask state lives in ``model`` via
-    ``torch.nn.utils.prune``. For a structured ``method`` the sparsity is the fraction of
-    channels / neurons removed per hidden layer. Writes ``rounds.png`` into ``workdir``; a
-    finished round of another method or target found there is an error.
+    targets: the sparsity after each round (e.g. ``Ladder.targets()``; the last must be
+    ``sparsity``); default ``round_targets(sparsity, rounds)``. stop_after: run (or load) rounds
+    1..``stop_after`` only, so a caller can run one round at a time: each round is a stage file.
+    early_state: what to rewind to, required by iterative schedules with ``rewind``
+    "rewind_lt" or "lt": a whole ``state_dict`` (``sparsity.rewind_full``: weights, biases,
+    BatchNorm parameters and running statistics) or, as before, ``(weights, biases)`` per layer
+    (``sparsity.layer_weights``). evaluate(model) -> dict of metrics merged into each round's
+    summary (e.g. ``RoundEvaluator``); eval_kwargs go to ``train``. Mask state lives in
+    ``model`` via ``torch.nn.utils.prune``; ``ctx.layers`` limits pruning to the "conv" layers
+    or "all"; the threshold is the method's own (``Method.threshold``) or ``schedule.scope``.
+    For a structured ``method`` the sparsity is the fraction of units removed. Round files
+    (``round_<r>.pt``: a checkpoint with ``meta`` and the round number; ``round_<r>.json``) are
+    written atomically; a finished round of another method or target found there is an error.
     """
     check_sparsity(sparsity)
     rounds = schedule.rounds if schedule.kind == "iterative" else 1
+    targets = list(targets) if targets is not None else round_targets(sparsity, rounds)
+    if len(targets) != rounds or abs(targets[-1] - sparsity) > 1e-9:
+        raise PruningError(f"{len(targets)} round targets ending at {targets[-1]:.6g} do not fit "
+                           f"{rounds} rounds to {sparsity:.6g}")
     needs_rewind = schedule.kind == "iterative" and schedule.rewind != "pt"
     if needs_rewind and early_state is None:
         raise PruningError(f"rewind {schedule.rewind!r} needs the early (or initial) weights")
+    threshold = method.threshold or schedule.scope
     workdir.mkdir(parents=True, exist_ok=True)
     summaries = []
-    for index, target in enumerate(round_targets(sparsity, rounds), start=1):
+    last = rounds if stop_after is None else min(stop_after, rounds)
+    for index, target in enumerate(targets[:last], start=1):
         round_file = workdir / f"round_{index}.pt"
         summary_file = workdir / f"round_{index}.json"
         if round_file.is_file() and summary_file.is_file():
@@ -251,14 +305,17 @@ def run_schedule(
             summaries.append(finished)
             continue
         start = time.perf_counter()
-        scores = method.scores(model, target, schedule.scope, ctx)
+        scores = method.scores(model, target, threshold, ctx)
         if method.structured:
-            prune_channels(model, scores, target)
+            prune_channels(model, scores, target, threshold, ctx.layers)
         else:
-            prune_by_scores(model, scores, target, schedule.scope)
+            prune_by_scores(model, scores, target, threshold, ctx.layers)
         objective = method.finetune_objective(model, ctx)
         if needs_rewind:
-            rewind(model, *early_state)
+            if isinstance(early_state, dict):
+                rewind_full(model, early_state)
+            else:
+                rewind(model, *early_state)
             # Rewound weights are early-training weights, not a certifiably trained model:
             # full-eps CROWN-IBP from them collapses to a constant classifier (issue 7: imp on
             # the paper study, clean 0.097). Restart the eps ramp over half the fine-tuning, as
@@ -271,8 +328,11 @@ def run_schedule(
             desc=f"finetune r{index}", **(eval_kwargs or {}),
         )
         summary = _summary(method.name, index, target, model, evaluate, start, history)
-        torch.save({"model": model.state_dict()}, round_file)
-        summary_file.write_text(json.dumps(summary, indent=2))
+        summary.update(layers=ctx.layers, threshold=threshold,
+                       scoped_sparsity=scoped_sparsity(model, ctx.layers))
+        save_torch_atomic({"format": 1, "meta": {**(meta or {}), "round": index},
+                           "model": model.state_dict()}, round_file)
+        write_json_atomic(summary_file, summary, indent=2)
         (workdir / f"round_{index}.train.pt").unlink(missing_ok=True)
         summaries.append(summary)
         plot_rounds(summaries, workdir / "rounds.png")

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from pruning.errors import PruningError
-from pruning.models import effective_weight, prunable_layers
+from pruning.models import effective_weight, prunable_layers, scoped_layers
 
 SCOPES = ("global", "layer")
 
@@ -38,16 +38,18 @@ def check_sparsity(sparsity: float) -> None:
         raise PruningError(f"sparsity must be in [0, 1), got {sparsity}")
 
 
-def prune_by_scores(model: nn.Module, scores: Scores, sparsity: float, scope: str) -> None:
+def prune_by_scores(model: nn.Module, scores: Scores, sparsity: float, scope: str,
+                    layers: str = "all") -> None:
     """Mask the lowest-|score| weights of ``model`` so that exactly ``round(sparsity · n)``
-    weights are zero (``n``: all prunable weights for ``scope="global"``, each layer's for
+    weights are zero (``n``: all weights of the layers in scope ``layers`` — "all" prunable
+    layers or the "conv" ones — for ``scope="global"``, each such layer's for
     ``scope="layer"``). Positions already masked stay masked and count towards the target;
-    a target below the current sparsity is an error.
+    a target below the current sparsity is an error. Layers outside ``layers`` are untouched.
     """
     check_sparsity(sparsity)
     if scope not in SCOPES:
         raise PruningError(f"unknown pruning scope {scope!r}; choose one of {', '.join(SCOPES)}")
-    layers = prunable_layers(model)
+    layers = scoped_layers(model, layers)
     missing = [name for name, _ in layers if name not in scores]
     if missing:
         raise PruningError(f"no scores for layer(s) {', '.join(missing)}")
@@ -168,6 +170,28 @@ def rewind(model: nn.Module, early_weights: dict[str, torch.Tensor],
                 target.copy_(early)
 
 
+def rewind_full(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Rewind the *whole* state of ``model`` to ``state`` (a ``state_dict`` saved early in
+    training): every weight and bias (into ``<name>_orig`` where pruned, so masks stay), every
+    BatchNorm's γ/β and running statistics (``running_mean``, ``running_var``,
+    ``num_batches_tracked``), as the paper's code does with ``model.load_state_dict``. Masks in
+    ``state`` are ignored (the current masks are kept); a key of ``model`` missing from
+    ``state`` or a shape that differs is an error."""
+    own = model.state_dict()
+    with torch.no_grad():
+        for key, value in own.items():
+            if key.endswith("_mask"):
+                continue
+            source = key[: -len("_orig")] if key.endswith("_orig") else key
+            early = state.get(source, state.get(key))
+            if early is None:
+                raise PruningError(f"cannot rewind: the early state has no {source!r}")
+            if tuple(early.shape) != tuple(value.shape):
+                raise PruningError(f"cannot rewind {source}: early shape {tuple(early.shape)}, "
+                                   f"model {tuple(value.shape)} (another model's weights?)")
+            value.copy_(early)
+
+
 def layer_weights(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Copies of every prunable layer's effective weight and bias (for later rewinding)."""
     weights, biases = {}, {}
@@ -200,6 +224,12 @@ def sparsity_report(model: nn.Module) -> list[LayerSparsity]:
         for name, module in prunable_layers(model)
         for weight in [effective_weight(module).detach()]
     ]
+
+
+def scoped_sparsity(model: nn.Module, layers: str = "all") -> float:
+    """Fraction of zero effective weights over the layers in scope ``layers``."""
+    names = {name for name, _ in scoped_layers(model, layers)}
+    return overall_sparsity([r for r in sparsity_report(model) if r.name in names])
 
 
 def overall_sparsity(report: list[LayerSparsity]) -> float:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from pruning.atomic import save_torch_atomic
 from pruning.data import ImageData, batches
 from pruning.errors import PruningError
 from pruning.evaluate import accuracy, pgd_accuracy
@@ -50,6 +50,10 @@ class TrainConfig:
     lr_milestones: tuple[int, ...] = ()
     lr_decay: float = 0.1
     seed: int = 0
+    # Schedule position at the start: the lr follows the schedule of an (epochs + offset)-epoch
+    # run from epoch ``lr_offset_epochs`` on (learning-rate rewinding after a weight rewind to
+    # that epoch, as the paper's code steps its MultiStepLR ``rewind_epoch`` times).
+    lr_offset_epochs: int = 0
 
     def __post_init__(self):
         if self.optimizer not in ("adam", "sgd"):
@@ -59,6 +63,8 @@ class TrainConfig:
                                f"{', '.join(LR_SCHEDULES)}")
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
             raise PruningError("epochs must be ≥ 0, batch size ≥ 1 and lr > 0")
+        if self.lr_offset_epochs < 0:
+            raise PruningError(f"lr_offset_epochs must be ≥ 0, got {self.lr_offset_epochs}")
         if any(m < 1 for m in self.lr_milestones) or not 0 < self.lr_decay <= 1:
             raise PruningError(f"lr milestones {self.lr_milestones} must be epochs ≥ 1 and the "
                                f"lr decay {self.lr_decay} in (0, 1]")
@@ -67,12 +73,15 @@ class TrainConfig:
         """The epochs after which a "step" schedule decays the lr."""
         if self.lr_milestones:
             return tuple(sorted(self.lr_milestones))
-        return tuple(sorted({max(self.epochs // 2, 1), max(3 * self.epochs // 4, 1)}))
+        epochs = self.epochs + self.lr_offset_epochs
+        return tuple(sorted({max(epochs // 2, 1), max(3 * epochs // 4, 1)}))
 
     def lr_at(self, step: int, steps_per_epoch: int) -> float:
-        """The learning rate of optimiser step ``step`` (0-based over the whole run)."""
+        """The learning rate of optimiser step ``step`` (0-based over this run; the schedule
+        starts ``lr_offset_epochs`` epochs in)."""
+        step += self.lr_offset_epochs * steps_per_epoch
         if self.lr_schedule == "cosine":
-            total = max(self.epochs * steps_per_epoch, 1)
+            total = max((self.epochs + self.lr_offset_epochs) * steps_per_epoch, 1)
             return self.lr * 0.5 * (1 + math.cos(math.pi * step / total))
         if self.lr_schedule == "step":
             epochs_done = step // steps_per_epoch
@@ -118,12 +127,6 @@ def _optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.O
     return torch.optim.SGD(
         params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
-
-
-def _save_atomic(obj: dict, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def train(
@@ -214,7 +217,7 @@ def train(
         if after_epoch is not None:
             after_epoch(epoch, model)
         if checkpoint is not None:
-            _save_atomic(
+            save_torch_atomic(
                 {
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),

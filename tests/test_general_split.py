@@ -18,7 +18,12 @@ from verifier.bab.relu_split import ReluSplitSearch
 from verifier.bounds.crown import SplitState, crown_bounds, output_bounds
 from verifier.io.vnnlib import InputRegion, OutputConstraint, Property
 from verifier.ops import Bounds
+from verifier.graph import BoundGraph, Node
+from verifier.ops import Linear, constant
 from verifier.ops.activation import ReLU, Sigmoid, Tanh
+from verifier.ops.bilinear import Mul
+from verifier.ops.elementwise import Cos, Exp, Log, Pow, Reciprocal, Sin, Sqrt
+from verifier.ops.piecewise import Clip, LeakyReLU
 from verifier.spec import region_specs
 from verifier.verify import VerifyConfig, verify
 
@@ -216,3 +221,105 @@ def test_a_search_that_cannot_split_further_says_unknown_with_the_reason():
     search = GeneralSplitSearch(graph, spec, lambda x: None, config, SubdomainRecords())
     outcome, _ = search.run(time.monotonic() + 30)
     assert outcome == "unknown" and "min_width" in search.reason
+
+
+# every splittable elementwise op, and a bias that keeps the pre-activations inside its domain
+ELEMENTWISE = [("exp", Exp, 0.0), ("sin", Sin, 0.0), ("cos", Cos, 0.0), ("log", Log, 3.0), ("sqrt", Sqrt, 3.0),
+               ("reciprocal", Reciprocal, 3.0), ("square", lambda: Pow(2.0), 0.0), ("cube", lambda: Pow(3.0), 0.0),
+               ("leaky_relu", lambda: LeakyReLU(0.1), 0.0), ("clip", lambda: Clip(-0.5, 0.7), 0.0)]
+
+
+def linear(gen, n_in: int, n_out: int, scale: float, bias: float) -> Linear:
+    W = scale * torch.randn(n_out, n_in, generator=gen, dtype=torch.float64) / n_in ** 0.5
+    b = bias + 0.1 * torch.randn(n_out, generator=gen, dtype=torch.float64)
+    return Linear(constant(W), constant(b))
+
+
+def graph_of(ops: list[tuple], input_shape: tuple[int, ...]) -> BoundGraph:
+    """A bound graph from (op, input indices) rows, row 0 the input; shapes by a forward pass."""
+    nodes = [Node("x", None, (), input_shape)]
+    values = [torch.zeros(1, *input_shape, dtype=torch.float64)]
+    for k, (op, inputs) in enumerate(ops[1:], start=1):
+        values.append(op.forward(*(values[j] for j in inputs)))
+        nodes.append(Node(f"n{k}", op, inputs, tuple(values[-1].shape[1:])))
+    return BoundGraph(nodes, len(nodes) - 1)
+
+
+def elementwise_graph(make_op, bias: float, gen) -> BoundGraph:
+    """3 inputs -> Linear(10) -> op -> Linear(10) -> op -> Linear(3); with a bias of 3 and small
+    weights, every pre-activation of [-1, 1]^3 stays positive (Log, Sqrt, Reciprocal)."""
+    scale = 0.5 if bias else 2.0
+    return graph_of([(None, ()), (linear(gen, 3, 10, scale, bias), (0,)), (make_op(), (1,)),
+                     (linear(gen, 10, 10, scale / 4 if bias else scale, bias), (2,)), (make_op(), (3,)),
+                     (linear(gen, 10, 3, 1.0, 0.0), (4,))], (3,))
+
+
+@pytest.mark.parametrize("name, make_op, bias", ELEMENTWISE, ids=[e[0] for e in ELEMENTWISE])
+def test_every_splittable_op_bounds_under_split_points_contain_points_satisfying_them(name, make_op, bias):
+    gen = torch.Generator().manual_seed(1)
+    graph = elementwise_graph(make_op, bias, gen)
+    split_ops = [i for i, n in enumerate(graph.nodes) if n.op is not None and n.op.splittable]
+    assert len(split_ops) == 2 and has_general_splits(graph)
+    box = Bounds(-torch.ones(1, 3, dtype=torch.float64), torch.ones(1, 3, dtype=torch.float64))
+    z_nodes = [graph.nodes[i].inputs[0] for i in split_ops]
+    anchor = graph.forward(torch.rand(1, 3, generator=gen, dtype=torch.float64) * 2 - 1, keep=True)
+    splits = random_splits(graph, z_nodes, anchor, gen)
+    root = crown_bounds(graph, box)
+    for z in z_nodes:      # the search splits inside a neuron's bounds (and the op's domain)
+        splits.points[z] = torch.minimum(torch.maximum(splits.points[z], root[z].lower), root[z].upper)
+    C = torch.randn(1, 4, 3, generator=gen, dtype=torch.float64)
+    bounds = crown_bounds(graph, box, splits=splits)
+    lb, ub = output_bounds(graph, box, C, bounds, splits=splits)
+    x = torch.rand(100_000, 3, generator=gen, dtype=torch.float64) * 2 - 1
+    values = graph.forward(x, keep=True)
+    feasible = torch.ones(len(x), dtype=torch.bool)
+    for z in z_nodes:
+        feasible &= (splits.signs[z][0] * (values[z] - splits.points[z][0]) >= 0).all(1)
+    assert int(feasible.sum()) > 50
+    out = values[graph.output][feasible] @ C[0].T
+    assert torch.all(out >= lb - TOL) and torch.all(out <= ub + TOL)
+    for op_node, z in zip(split_ops, z_nodes):     # and the lines read for branching contain the op
+        op = graph.nodes[op_node].op
+        lines = element_lines(op, bounds[z])
+        inside = values[z][feasible]
+        f = op.forward(inside)
+        assert torch.all(lines.lower_slope * inside + lines.lower_intercept <= f + TOL)
+        assert torch.all(lines.upper_slope * inside + lines.upper_intercept >= f - TOL)
+        choice = choose_points(op, bounds[z], 1e-6)
+        split = torch.isfinite(choice.gain)
+        assert torch.all((choice.point > bounds[z].lower)[split]) and torch.all((choice.point < bounds[z].upper)[split])
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_products_are_split_on_a_factor_and_decided_as_subdivision_and_sampling_say(seed):
+    """x -> a, b (two Linear maps) -> a * b -> Linear: the search splits the factors (no
+    elementwise op to split) and decides a threshold below the sound subdivision minimum and one
+    above a sampled value."""
+    gen = torch.Generator().manual_seed(seed)
+    graph = graph_of([(None, ()), (linear(gen, 2, 4, 1.5, 0.0), (0,)), (linear(gen, 2, 4, 1.5, 0.0), (0,)),
+                      (Mul(), (1, 2)), (linear(gen, 4, 2, 1.0, 0.0), (3,))], (2,))
+    assert has_general_splits(graph)
+    c = np.array([1.0, -1.0])
+    C = torch.as_tensor(c).view(1, 1, 2)
+    edges = torch.linspace(-1, 1, 201, dtype=torch.float64)
+    lo, hi = torch.cartesian_prod(edges[:-1], edges[:-1]), torch.cartesian_prod(edges[1:], edges[1:])
+    with torch.no_grad():
+        cells = Bounds(lo, hi)
+        lower_bound = float(output_bounds(graph, cells, C.expand(len(lo), 1, 2), crown_bounds(graph, cells),
+                                          need_upper=False)[0].min())
+        attained = float((graph.forward(torch.cat([lo, hi, (lo + hi) / 2])) @ torch.as_tensor(c)).min())
+        box = Bounds(-torch.ones(1, 2, dtype=torch.float64), torch.ones(1, 2, dtype=torch.float64))
+        root = float(output_bounds(graph, box, C, crown_bounds(graph, box), need_upper=False)[0])
+    below = lower_bound - 0.5 * (lower_bound - root)
+    assert root < below and attained - lower_bound < 0.05
+    spec_of = (lambda rhs: region_specs(property_for(c, rhs, -np.ones(2), np.ones(2)), (2,), "cpu", torch.float64)[0])
+    config = BabConfig(input_split="off", general=GeneralSplitConfig(batch=8))
+    def check(points):
+        values = graph.forward(points) @ torch.as_tensor(c)
+        return (points, values) if bool((values <= attained + 0.005).any()) else None
+
+    outcome, _ = GeneralSplitSearch(graph, spec_of(below), check, config, SubdomainRecords()).run(time.monotonic() + 60)
+    assert outcome == "unsat"
+    outcome, found = GeneralSplitSearch(graph, spec_of(attained + 0.005), check, config,
+                                        SubdomainRecords()).run(time.monotonic() + 60)
+    assert outcome == "sat" and found is not None

@@ -93,18 +93,20 @@ def test_subcommands_follow_the_entry_point_contract():
     assert callable(args.handler)
 
 
-@pytest.mark.parametrize("argv,message", [
+@pytest.mark.parametrize("argv,message,code", [
     (["prune", "--checkpoint", "missing.pt", "--method", "random", "--sparsity", "0.5",
-      "--out", "o"], "checkpoint not found: missing.pt"),
+      "--out", "o"], "checkpoint not found: missing.pt", 3),
     (["train", "--out", "{tmp}", "--data-dir", "{tmp}"],
-     "dataset file missing: expected {tmp}/FashionMNIST/raw/train-images-idx3-ubyte[.gz]"),
+     "dataset file missing: expected {tmp}/FashionMNIST/raw/train-images-idx3-ubyte[.gz]", 3),
     (["train", "--out", "{tmp}", "--epochs", "2", "--rewind-epoch", "3"],
-     "--rewind-epoch 3 is not in 0..2"),
-    (["export", "--checkpoint", "{tmp}", "--out", "{tmp}/x"], "checkpoint not found"),
+     "--rewind-epoch 3 is not in 0..2", 2),
+    (["export", "--checkpoint", "{tmp}", "--out", "{tmp}/x"], "checkpoint not found", 3),
+    (["train", "--out", "{tmp}", "--device", "cuda:7"], "--device cuda:7", 8),
 ])
-def test_user_errors_are_one_line_on_stderr(argv, message, tmp_path, capsys):
+def test_user_errors_are_one_line_on_stderr(argv, message, code, tmp_path, capsys):
+    # exit codes of the project's scheme (verifier.errors): 2 usage, 3 input file, 8 device
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    assert cli.main(argv) == 2
+    assert cli.main(argv) == code
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message.replace("{tmp}", str(tmp_path)) in err[0]
 

@@ -253,3 +253,92 @@ def test_stats_label_count_must_match_runs(tmp_path, capsys):
 def test_stats_empty_folder_is_an_error(tmp_path, capsys):
     assert main(["stats", str(tmp_path), "--out", str(tmp_path / "out")]) == 3
     assert "holds no .jsonl record files" in capsys.readouterr().err
+
+
+# ---- the figures: integer axes, degenerate runs drawn, runs distinguishable, honest legends -------
+@pytest.fixture
+def figures(monkeypatch):
+    """The matplotlib figures the plot functions save, by file name."""
+    from verifier.stats import plots
+    saved = {}
+
+    def keep(fig, path):
+        saved[Path(path).name] = fig
+        return path
+
+    monkeypatch.setattr(plots, "_save", keep)
+    return saved
+
+
+def draw(tmp_path, records_by_run: dict[str, list[dict]], figures) -> dict:
+    from verifier.stats import plots
+    runs = [read_run(str(write_lines(tmp_path / f"{label}.jsonl", records)), label)
+            for label, records in records_by_run.items()]
+    plots.write_plots(build_tables(runs), list(records_by_run), str(tmp_path))
+    return figures
+
+
+def legend_names(ax) -> list[str]:
+    legend = ax.get_legend()
+    return [] if legend is None else [t.get_text() for t in legend.get_texts()]
+
+
+def integer_ticks(axis) -> bool:
+    ticks = [t for t in axis.get_majorticklocs() if axis.axes.get_ylim()[0] <= t <= axis.axes.get_ylim()[1]] \
+        if axis is axis.axes.yaxis else axis.get_majorticklocs()
+    return len(ticks) > 0 and all(float(t).is_integer() for t in ticks)
+
+
+def test_count_axes_have_integer_ticks_even_for_one_instance(tmp_path, figures):
+    one = [SYNTHETIC[0], *SYNTHETIC[1:6]]   # one instance, depths 0..2
+    figs = draw(tmp_path, {"one": one}, figures)
+    cactus, visited = figs["instances.png"].axes
+    assert integer_ticks(cactus.yaxis) and integer_ticks(visited.xaxis)
+    worst, closed = figs["depth.png"].axes
+    assert integer_ticks(worst.xaxis) and integer_ticks(closed.xaxis)
+    root, by_depth = figs["layers.png"].axes
+    assert integer_ticks(root.xaxis) and integer_ticks(root.yaxis) and integer_ticks(by_depth.xaxis)
+
+
+def test_a_run_of_only_timeouts_is_drawn_without_empty_legend_entries(tmp_path, figures):
+    timeouts = [dict(r, result="timeout") for r in SYNTHETIC[:6]]
+    figs = draw(tmp_path, {"timeouts": timeouts}, figures)
+    cactus, visited = figs["instances.png"].axes
+    assert legend_names(cactus) == []                 # nothing decided: no curve, no entry
+    assert any("no instance decided" in t.get_text() for t in cactus.texts)
+    assert cactus.get_xlabel() and integer_ticks(cactus.yaxis)
+    assert legend_names(visited) == ["timeouts"] and len(visited.lines) == 1
+
+
+def test_legend_lists_only_runs_with_data(tmp_path, figures):
+    decided = SYNTHETIC[:6]
+    undecided = [dict(r, result="timeout", instance_id="T") for r in SYNTHETIC[:1]]   # no subdomains
+    figs = draw(tmp_path, {"decided": decided, "undecided": undecided}, figures)
+    cactus, _ = figs["instances.png"].axes
+    assert legend_names(cactus) == ["decided"]
+    worst, closed = figs["depth.png"].axes
+    assert legend_names(worst) == legend_names(closed) == ["decided"]
+
+
+def test_overlapping_runs_differ_in_marker_and_line_style(tmp_path, figures):
+    figs = draw(tmp_path, {"dense": SYNTHETIC, "pruned": SYNTHETIC}, figures)   # identical curves
+    for name in ("instances.png", "depth.png"):
+        for ax in figs[name].axes:
+            lines = {line.get_label(): line for line in ax.lines if not line.get_label().startswith("_")}
+            if {"dense", "pruned"} <= set(lines):
+                a, b = lines["dense"], lines["pruned"]
+                assert (a.get_marker(), a.get_linestyle()) != (b.get_marker(), b.get_linestyle()), name
+
+
+def test_a_zero_root_gap_is_drawn_and_labelled_zero(tmp_path, figures):
+    exact = [{"record": "instance", "model": "lin.onnx", "spec": "a.vnnlib", "result": "unsat", "instance_id": "Z",
+              "seconds": 0.2, "subdomains": 0, "roots": [{"region": 0, "attack": 0.5, "ibp": 0.1, "crown": 0.5,
+                                                          "alpha": 0.5, "unstable": {}}]}]
+    figs = draw(tmp_path, {"exact": exact}, figures)
+    (ax,) = figs["root_gap.png"].axes
+    fig = figs["root_gap.png"]
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert any(label.startswith("0 ") for label in labels), labels
+    heights = sorted(float(y) for c in ax.collections for _, y in c.get_offsets())
+    assert heights[0] == pytest.approx(1e-6) and heights[-1] == pytest.approx(0.4)

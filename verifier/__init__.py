@@ -2,7 +2,7 @@
 ReLU networks given as ONNX files or PyTorch modules."""
 from .errors import VerifierError
 
-__all__ = ["BoundedModel", "VerifierError"]
+__all__ = ["BoundedModel", "VerifierError", "__version__"]
 
 
 def __getattr__(name: str):
@@ -11,4 +11,10 @@ def __getattr__(name: str):
     if name == "BoundedModel":
         from .api import BoundedModel
         return BoundedModel
+    if name == "__version__":   # one version, setup.cfg's, as installed
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            return version("certiprune")
+        except PackageNotFoundError:   # a source tree that was not installed
+            return "0+unknown"
     raise AttributeError(f"module 'verifier' has no attribute {name!r}")

@@ -28,19 +28,22 @@ class BoundedModel:
     ``model`` is an ONNX path or an ``nn.Module`` (traced with torch.fx). A module's parameters
     are read at every call, so one BoundedModel follows training and its bounds are
     differentiable with respect to them. BatchNorm is bounded with its running statistics.
+    ``cache_dir`` (default: ``$CERTIPRUNE_CACHE_DIR``, none when unset) keeps converted ONNX
+    models keyed by the file's hash (``verifier.io.cache``).
     """
 
     def __init__(self, model: Union[str, os.PathLike, nn.Module], device: Union[str, torch.device] = "cpu",
-                 dtype: torch.dtype = torch.float32, alpha_config: AlphaConfig = AlphaConfig()):
+                 dtype: torch.dtype = torch.float32, alpha_config: AlphaConfig = AlphaConfig(),
+                 cache_dir: Optional[Union[str, os.PathLike]] = None):
         self.device, self.dtype = torch.device(device), dtype
         self.alpha_config = alpha_config
         self.onnx = None
         self.module: Optional[nn.Module] = None
         self._graphs: dict[tuple[int, ...], BoundGraph] = {}
         if isinstance(model, (str, os.PathLike)):
-            from .io.onnx import load_onnx, onnx_bound_graph
-            self.onnx = load_onnx(str(model))
-            graph = onnx_bound_graph(self.onnx, self.device, dtype)
+            from .io.cache import ENV_CACHE_DIR, load_onnx_graph   # converted graphs by file hash
+            self.onnx, graph, _ = load_onnx_graph(str(model), self.device, dtype,
+                                                  cache_dir or os.environ.get(ENV_CACHE_DIR))
             self._graphs[graph.input_shape] = graph
         elif isinstance(model, nn.Module):
             self.module = model

@@ -6,6 +6,7 @@ The verdict is ``unsat`` only when sound bounds prove every disjunct of every re
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional
 
@@ -21,6 +22,7 @@ from .bab.general_split import split_search
 from .bounds.alpha import AlphaConfig, alpha_crown, intermediate_slopes
 from .bounds.crown import IntermediateSlopes, crown_bounds, output_bounds
 from .bounds.ibp import ibp_bounds
+from .float_check import prepare_float_mode, recheck_counterexample
 from .io.vnnlib import Property
 from .ops import Bounds
 from .spec import RegionSpec, region_specs
@@ -33,6 +35,7 @@ class VerifyConfig:
     alpha: AlphaConfig = AlphaConfig()
     bab: BabConfig = BabConfig()
     complete: bool = True        # run branch and bound after the root bounds (False: incomplete)
+    float_mode: str = "sound"    # "fast": no rounding analysis (verifier/bounds/floating.py, issue 26)
 
 
 @dataclass
@@ -74,52 +77,70 @@ class RegionBounds(NamedTuple):
     slopes: Optional[IntermediateSlopes]   # alpha-CROWN's for the intermediate bounds (None: not run)
 
 
+def ibp_lower_margins(graph, spec: RegionSpec) -> tuple[torch.Tensor, list[Bounds]]:
+    """Sound lower bounds (1, R) of the margins C y - rhs over the region's box by interval
+    propagation, and the IBP bounds per node (1, *shape) behind them: the cheapest bound there is."""
+    box = Bounds(spec.lower.unsqueeze(0), spec.upper.unsqueeze(0))
+    with torch.no_grad():
+        ibp = ibp_bounds(graph, box)
+    out = ibp[graph.output]
+    C = spec.C.unsqueeze(0).flatten(2)                                         # (1, R, n_out)
+    lo, hi = out.lower.flatten(1).unsqueeze(-1), out.upper.flatten(1).unsqueeze(-1)
+    lb = (C.clamp(min=0) @ lo + C.clamp(max=0) @ hi).squeeze(-1)             # (1, R)
+    return lb - spec.rhs, ibp
+
+
 def region_lower_margins(model: BoundedModel, spec: RegionSpec, config: VerifyConfig, alpha: Optional[bool] = None,
-                         root: Optional[RootRecord] = None, deadline: Optional[float] = None) -> RegionBounds:
+                         root: Optional[RootRecord] = None, deadline: Optional[float] = None,
+                         crown: Optional[RegionBounds] = None) -> RegionBounds:
     """Sound lower bounds of the margins C y - rhs over the region's box, and the intermediate
-    bounds behind them: CROWN first, then alpha-CROWN where CROWN does not prove it (``alpha``
-    None), always (True) or never (False). ``root`` receives the worst-disjunct bound of each
-    method run."""
+    bounds behind them: CROWN first (or ``crown``, CROWN's bounds computed before), then
+    alpha-CROWN where CROWN does not prove it (``alpha`` None), always (True) or never (False).
+    ``root`` receives the worst-disjunct bound of each method run."""
     graph = model.graph()
     box = Bounds(spec.lower.unsqueeze(0), spec.upper.unsqueeze(0))
     C = spec.C.unsqueeze(0)
-    with torch.no_grad():
-        bounds = crown_bounds(graph, box)
-        lb, _ = output_bounds(graph, box, C, bounds, need_upper=False)
-    margins = lb - spec.rhs
-    if root is not None:
-        root.crown, root.unstable["crown"] = float(spec.worst(margins)[0]), unstable_per_layer(graph, bounds)
+    if crown is None:
+        with torch.no_grad():
+            bounds = crown_bounds(graph, box)
+            lb, _ = output_bounds(graph, box, C, bounds, need_upper=False)
+        margins = lb - spec.rhs
+        if root is not None:
+            root.crown, root.unstable["crown"] = float(spec.worst(margins)[0]), unstable_per_layer(graph, bounds)
+    else:
+        margins, bounds = crown.margins, crown.bounds
     if not graph.relu_nodes() or alpha is False or (spec.proven(margins).all() and alpha is None):
         if root is not None and not graph.relu_nodes():   # no relaxation to optimise: alpha = CROWN
             root.alpha, root.unstable["alpha"] = root.crown, []
         return RegionBounds(margins, bounds, None)
-    crown = bounds
-    lb, _, bounds, alphas = alpha_crown(graph, box, C, config.alpha, need_upper=False, initial=crown,
+    crown_bounds_ = bounds
+    lb, _, bounds, alphas = alpha_crown(graph, box, C, config.alpha, need_upper=False, initial=crown_bounds_,
                                         deadline=deadline)
     margins = torch.maximum(margins, lb - spec.rhs)
     if root is not None:
         root.alpha, root.unstable["alpha"] = float(spec.worst(margins)[0]), unstable_per_layer(graph, bounds)
-    return RegionBounds(margins, bounds, intermediate_slopes(graph, alphas, crown))
+    return RegionBounds(margins, bounds, intermediate_slopes(graph, alphas, crown_bounds_))
 
 
 def complete_root_records(model: BoundedModel, prop: Property, records: SubdomainRecords,
                           config: VerifyConfig = VerifyConfig()) -> None:
     """Fill what ``verify`` left out of each region's root record (it bounds only what the verdict
-    needs): IBP always, CROWN and alpha-CROWN where the attack or CROWN already decided. Runs after
+    needs): IBP, CROWN and alpha-CROWN where a cheaper bound or the attack already decided, and
+    the attack's best margin where a bound decided before any attack (within the attack's time
+    share). Runs after
     the verdict, so statistics never change the timing of the verification itself."""
     graph = model.graph()
     for i, spec in enumerate(region_specs(prop, graph.input_shape, model.device, model.dtype)):
         root = records.root(i)
-        box = Bounds(spec.lower.unsqueeze(0), spec.upper.unsqueeze(0))
-        with torch.no_grad():
-            ibp = ibp_bounds(graph, box)
-        out = ibp[graph.output]
-        C = spec.C.unsqueeze(0).flatten(2)                                         # (1, R, n_out)
-        lo, hi = out.lower.flatten(1).unsqueeze(-1), out.upper.flatten(1).unsqueeze(-1)
-        lb = (C.clamp(min=0) @ lo + C.clamp(max=0) @ hi).squeeze(-1)             # (1, R)
-        root.ibp, root.unstable["ibp"] = float(spec.worst(lb - spec.rhs)[0]), unstable_per_layer(graph, ibp)
+        if root.ibp is None:
+            margins, ibp = ibp_lower_margins(graph, spec)
+            root.ibp, root.unstable["ibp"] = float(spec.worst(margins)[0]), unstable_per_layer(graph, ibp)
         if root.crown is None or root.alpha is None:
             region_lower_margins(model, spec, config, alpha=True, root=root)
+        if root.attack is None and not spec.empty_disjunct:   # the other end of the relaxation gap
+            attack = pgd_search(graph.forward, spec, config.attack,
+                                time.monotonic() + config.attack.time_share * config.timeout)
+            root.attack = attack.best_margin
 
 
 def make_checker(graph, spec: RegionSpec, evaluate, limit: int = 8):
@@ -137,50 +158,135 @@ def make_checker(graph, spec: RegionSpec, evaluate, limit: int = 8):
     return check
 
 
+@contextmanager
+def _phase(records: SubdomainRecords, name: str):
+    """Time the block as phase ``name`` of ``records`` (kept even when the block is interrupted)."""
+    began = time.monotonic()
+    try:
+        yield
+    finally:
+        records.add_phase(name, time.monotonic() - began)
+
+
+SEARCH_UNDECIDED = ("the search ended without a verdict: more open domains than bab.max_domains, input "
+                    "boxes at bab.min_box_width, or a leaf the LP could not decide (see the log)")
+
+
 def verify(model: BoundedModel, prop: Property, config: VerifyConfig = VerifyConfig(),
-           log: Callable[[str], None] = lambda s: None) -> VerificationResult:
+           log: Callable[[str], None] = lambda s: None,
+           records: Optional[SubdomainRecords] = None) -> VerificationResult:
+    """Decide ``prop`` on ``model`` within ``config.timeout`` seconds.
+
+    Phases, cheapest first, each over the regions the earlier ones left open: IBP, then CROWN
+    (milliseconds, and on some models all it takes: VNN-COMP 2024 metaroom is proven by IBP in
+    0.15 s, while one PGD attack of 20 restarts x 19 disjuncts took the whole 60 s); then PGD,
+    within ``config.attack.time_share`` of the time left; then alpha-CROWN (not before input
+    splitting, which bounds its boxes itself); then branch and bound. ``records`` (created here if
+    None) receives what each phase found and its seconds, so a caller that interrupts the run
+    keeps them (``verifier.cli``'s wall-clock safety net)."""
     start = time.monotonic()
     deadline = start + config.timeout
+    records = records if records is not None else SubdomainRecords(start=start)
     graph = model.graph()
+    # float-soundness pass (issue 26): rounding bounds in every bound; no rule for an op: unknown
+    if (float_reason := prepare_float_mode(model, config.float_mode, log)) is not None:
+        return VerificationResult("unknown", time.monotonic() - start, details={"reason": float_reason})
     specs = region_specs(prop, graph.input_shape, model.device, model.dtype)
     evaluate = concrete_evaluator(model)
-    forward = graph.forward
 
     def elapsed():
         return time.monotonic() - start
 
-    records = SubdomainRecords(start=start)
-    for i, spec in enumerate(specs):   # falsification first: sat answers are cheap
-        if spec.empty_disjunct:
-            candidate = (spec.lower + spec.upper) / 2
-        else:
-            attack = pgd_search(forward, spec, config.attack, deadline)
-            candidate, records.root(i).attack = attack.point, attack.best_margin
-        if candidate is not None:
-            found = confirm(spec, candidate.detach().cpu().double().numpy(), evaluate)
-            if found is not None:
-                log(f"region {i}: counterexample confirmed by a concrete run")
-                return VerificationResult("sat", elapsed(), found, {"region": i}, records)
+    def out_of_time(phase: str) -> Optional[VerificationResult]:
+        if time.monotonic() <= deadline:
+            return None
+        records.cut = f"time limit reached during the {phase}"
+        return VerificationResult("timeout", elapsed(), details={"reason": records.cut}, records=records)
+
+    def sat_if_confirmed(i: int, candidate) -> Optional[VerificationResult]:
+        found = confirm(specs[i], candidate.detach().cpu().double().numpy(), evaluate)
+        if found is None:
             log(f"region {i}: attack candidate not confirmed by the concrete run; ignored")
-        if time.monotonic() > deadline:
-            return VerificationResult("timeout", elapsed(), records=records)
+            return None
+        log(f"region {i}: counterexample confirmed by a concrete run")
+        details = {"region": i, **recheck_counterexample(model, specs[i], found, log)}   # issue 26
+        return VerificationResult("sat", elapsed(), found, details, records)
+
     use_input_split = config.complete and (config.bab.input_split == "on" or (
         config.bab.input_split == "auto" and graph.nodes[0].numel <= config.bab.input_split_max_dim))
-    # input splitting bounds its boxes itself, from the whole box on: alpha-CROWN on the root
-    # would be spent twice (on ACAS Xu, 0.4 s of a 0.6 s verification; RESULTS.md)
-    root_alpha = False if use_input_split else None
-    roots = []
-    for i, spec in enumerate(specs):
-        roots.append(region_lower_margins(model, spec, config, alpha=root_alpha, root=records.root(i),
-                                          deadline=deadline))
-        log(f"region {i}: worst disjunct lower margin {float(spec.worst(roots[i].margins)[0]):.6g}")
-        if time.monotonic() > deadline:
-            return VerificationResult("timeout", elapsed(), records=records)
-    unproven = [i for i, root in enumerate(roots) if not bool(specs[i].proven(root.margins).all())]
+    crown_roots: dict[int, RegionBounds] = {}
+    for i, spec in enumerate(specs):   # cheap bounds first: IBP, then CROWN
+        if spec.empty_disjunct:        # a disjunct without constraints: every point violates it
+            if (result := sat_if_confirmed(i, (spec.lower + spec.upper) / 2)) is not None:
+                return result
+        root = records.root(i)
+        with _phase(records, "ibp"):
+            margins, ibp = ibp_lower_margins(graph, spec)
+            root.ibp, root.unstable["ibp"] = float(spec.worst(margins)[0]), unstable_per_layer(graph, ibp)
+        if bool(spec.proven(margins).all()):
+            log(f"region {i}: proven by IBP (worst disjunct lower margin {root.ibp:.6g})")
+            continue
+        with _phase(records, "crown"):
+            crown_roots[i] = region_lower_margins(model, spec, config, alpha=False, root=root)
+        if bool(spec.proven(crown_roots[i].margins).all()):
+            log(f"region {i}: proven by CROWN (worst disjunct lower margin {root.crown:.6g})")
+            del crown_roots[i]
+        if (result := out_of_time("cheap bounds")) is not None:
+            return result
+    open_regions = sorted(crown_roots)
+    if not open_regions:
+        return VerificationResult("unsat", elapsed(), records=records)
+
+    # falsification: sat answers are cheap when they exist, but one attack may not take the budget
+    attack_end = time.monotonic() + config.attack.time_share * max(0.0, deadline - time.monotonic())
+    for n, i in enumerate(open_regions):
+        now = time.monotonic()
+        with _phase(records, "attack"):
+            attack = pgd_search(graph.forward, specs[i], config.attack,
+                                min(deadline, now + max(0.0, attack_end - now) / (len(open_regions) - n)))
+        records.root(i).attack = attack.best_margin
+        if attack.point is not None and (result := sat_if_confirmed(i, attack.point)) is not None:
+            return result
+        if (result := out_of_time("attack")) is not None:
+            return result
+
+    roots: dict[int, RegionBounds] = dict(crown_roots)
+    for i in open_regions:
+        if not use_input_split:   # input splitting bounds its boxes itself, from the whole box on
+            with _phase(records, "alpha"):
+                roots[i] = region_lower_margins(model, specs[i], config, root=records.root(i), deadline=deadline,
+                                                crown=crown_roots[i])
+        log(f"region {i}: worst disjunct lower margin {float(specs[i].worst(roots[i].margins)[0]):.6g}")
+        if (result := out_of_time("root bounds")) is not None:
+            return result
+    unproven = [i for i in open_regions if not bool(specs[i].proven(roots[i].margins).all())]
     if not unproven:
         return VerificationResult("unsat", elapsed(), records=records)
     if not config.complete:
-        return VerificationResult("unknown", elapsed(), details={"unproven_regions": unproven}, records=records)
+        return VerificationResult("unknown", elapsed(), records=records, details={
+            "unproven_regions": unproven,
+            "reason": f"incomplete run (no branch and bound): the root bounds leave region(s) {unproven} unproven"})
+    with _phase(records, "search"):
+        outcome, found = _search(model, specs, roots, unproven, use_input_split, evaluate, config, records,
+                                 deadline, log)
+    if outcome == "sat":
+        details = {"region": found[0], **recheck_counterexample(model, specs[found[0]], found[1], log)}   # issue 26
+        return VerificationResult("sat", elapsed(), found[1], details, records)
+    details = {"unproven_regions": unproven}
+    if outcome == "timeout":
+        records.cut = "time limit reached during the search"
+        details["reason"] = records.cut
+    elif outcome == "unknown":
+        details["reason"] = SEARCH_UNDECIDED
+    return VerificationResult(outcome, elapsed(), details=details, records=records)
+
+
+def _search(model: BoundedModel, specs: list[RegionSpec], roots: dict[int, RegionBounds], unproven: list[int],
+            use_input_split: bool, evaluate, config: VerifyConfig, records: SubdomainRecords, deadline: float,
+            log: Callable[[str], None]) -> tuple[str, Optional[tuple]]:
+    """Branch and bound on each unproven region: ("unsat" | "sat" | "timeout" | "unknown",
+    (region, counterexample) where sat)."""
+    graph = model.graph()
     status = "unsat"
     for i in unproven:
         spec = specs[i]
@@ -200,13 +306,12 @@ def verify(model: BoundedModel, prop: Property, config: VerifyConfig = VerifyCon
                 if outcome != "unsat":
                     break
         if outcome == "sat":
-            return VerificationResult("sat", elapsed(), found, {"region": i}, records)
+            return "sat", (i, found)
         if outcome != "unsat":
             status = outcome if status == "unsat" or outcome == "timeout" else status
             if outcome == "timeout":
                 break
-    return VerificationResult(status, elapsed(), details={"unproven_regions": unproven}, records=records)
-
+    return status, None
 
 
 def format_result(result: VerificationResult) -> str:

@@ -1,7 +1,10 @@
 #!/bin/bash
 # VNN-COMP tool script: prepare_instance.sh VERSION BENCHMARK ONNX VNNLIB
-# Checks the arguments, then loads the model and parses the spec once (untimed), so that a bad
-# instance is reported here rather than during the timed run. Exit 0 when the instance is ready.
+# Untimed work before run_instance.sh (benchmarks/cluster/vnncomp.py): ends the processes an
+# earlier prepare started, loads and checks the model and the spec (a bad instance is reported
+# here, not in the timed run), caches the converted model by the file's hash in
+# CERTIPRUNE_CACHE_DIR for the timed run, and with CERTIPRUNE_WARM=1 starts a warm Dask worker
+# that run_instance.sh hands the instance to. Exit 0 when the instance is ready.
 set -u
 if [ "$#" -lt 4 ]; then
     echo "usage: $0 v1 BENCHMARK ONNX VNNLIB" >&2
@@ -18,10 +21,7 @@ done
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 PYTHON="$ROOT/.venv/bin/python"
 [ -x "$PYTHON" ] || PYTHON=python3
+export CERTIPRUNE_CACHE_DIR="${CERTIPRUNE_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/certiprune/models}"
+export CERTIPRUNE_STATE_DIR="${CERTIPRUNE_STATE_DIR:-${TMPDIR:-/tmp}/certiprune-vnncomp-$(id -u)}"
 echo "preparing certiprune for benchmark '$BENCHMARK': $ONNX $VNNLIB"
-exec "$PYTHON" - "$ONNX" "$VNNLIB" >/dev/null <<'PY'
-import sys
-from verifier.cli import main
-# `certiprune bounds` loads the model, checks the spec against it, and bounds it once (IBP: cheap).
-sys.exit(main(["bounds", sys.argv[1], sys.argv[2], "--method", "ibp", "--json"]) and 1)
-PY
+exec "$PYTHON" -m benchmarks.cluster.vnncomp "$ONNX" "$VNNLIB"

@@ -47,8 +47,9 @@ class PruneContext:
     score_training: TrainConfig = TrainConfig(epochs=2, lr=1e-3)
     stability_weight: float = 0.5
     score_batches: int | None = None  # snip / taylor: None = the method's default
-    slim_penalty: float = 1e-4  # λ of slim's L1 penalty on BatchNorm γ (Liu et al. 2017)
+    slim_penalty: float = 1e-4  # λ of slim's penalty λ·mean|γ| (the paper's slim_weight)
     seed: int = 0
+    layers: str = "all"  # layer scope: "all" prunable layers or only the "conv" ones
     progress: bool = False
 
 
@@ -68,6 +69,10 @@ class Method:
     finetune_objective: ObjectiveFn = regime_objective
     schedule: str = "one-shot"  # default schedule: "one-shot" or "iterative"
     structured: bool = False  # scores are per output unit; sparsity is a channel fraction
+    # A loss term that is on from dense pre-training (the paper's rs_reg / slim_weight):
+    # "nrs" or "slim"; the study pre-trains a separate dense model with it for this method.
+    regulariser: str | None = None
+    threshold: str | None = None  # "layer" / "global" fixed by the method; None: the schedule's
 
 
 def _methods() -> dict[str, Method]:
@@ -77,16 +82,34 @@ def _methods() -> dict[str, Method]:
         "random": Method("random", unstructured.random_scores),
         "magnitude": Method("magnitude", unstructured.magnitude_scores),
         "imp": Method("imp", unstructured.magnitude_scores, schedule="iterative"),
-        "hydra": Method("hydra", hydra.hydra_scores),
+        # The paper's unstructured stability method: IMP with the NRS loss, on from dense
+        # pre-training and in every retraining round (configs/*_l1unstruct_nrs.yml).
+        "imp-nrs": Method("imp-nrs", unstructured.magnitude_scores,
+                          finetune_objective=nrs.nrs_objective, schedule="iterative",
+                          regulariser="nrs"),
+        "hydra": Method("hydra", hydra.hydra_scores, threshold="layer"),
         "stability": Method("stability", stability.stability_scores,
                             finetune_objective=stability.stability_objective),
         "snip": Method("snip", gradient.snip_scores),
         "taylor": Method("taylor", gradient.taylor_scores),
-        "slim": Method("slim", structured.slim_scores, structured=True),
-        "l1-channel": Method("l1-channel", structured.l1_channel_scores, structured=True),
+        "slim": Method("slim", structured.slim_scores,
+                       finetune_objective=structured.slim_objective, structured=True,
+                       regulariser="slim"),
+        # per layer, as the paper's prune.ln_structured on each conv
+        "l1-channel": Method("l1-channel", structured.l1_channel_scores, structured=True,
+                             threshold="layer"),
         "refill": Method("refill", structured.refill_scores, structured=True),
         "nrs": Method("nrs", nrs.nrs_scores, finetune_objective=nrs.nrs_objective,
-                      structured=True),
+                      structured=True, regulariser="nrs"),
+        # Controls: prune nothing, fine-tune round by round exactly as a pruned model is (a
+        # study's dense control for the extra epochs; with a regulariser for its dense model).
+        "control": Method("control", unstructured.no_scores, schedule="iterative"),
+        "control-nrs": Method("control-nrs", unstructured.no_scores,
+                              finetune_objective=nrs.nrs_objective, schedule="iterative",
+                              regulariser="nrs"),
+        "control-slim": Method("control-slim", unstructured.no_scores,
+                               finetune_objective=structured.slim_objective,
+                               schedule="iterative", regulariser="slim"),
     }
 
 

@@ -5,7 +5,8 @@ removing ``w`` changes the loss by about ``−w · ∂L/∂w``. They differ in t
 batches are combined:
 
 - ``snip`` (Lee et al., ICLR 2019, connection sensitivity): ``|w · Σ_b ∂L_b/∂w|`` with ``L`` the
-  clean cross-entropy, the gradient summed over ``ctx.score_batches`` mini-batches (default
+  regime's training loss (``ctx.objective``, as the paper's code scores the FGSM+GradAlign or
+  CROWN-IBP loss: ``pruner.prune_model_score_based``), the gradient summed over ``ctx.score_batches`` mini-batches (default
   ``SNIP_BATCHES``) before taking the magnitude — the sensitivity of the loss over those
   batches. SNIP prunes at initialisation; ``certiprune prune --at-init`` hands it the initial
   weights, otherwise it scores the trained model it is given.
@@ -24,7 +25,6 @@ from torch import nn
 
 from pruning.data import batches
 from pruning.models import prunable_layers
-from pruning.objectives import Standard
 from pruning.sparsity import Scores, clone_model, make_permanent
 
 SNIP_BATCHES = 8
@@ -62,8 +62,8 @@ def _weight_gradients(model: nn.Module, objective, chosen, per_batch_abs: bool,
 
 
 def snip_scores(model: nn.Module, sparsity: float, scope: str, ctx) -> Scores:
-    """SNIP connection sensitivity on the clean cross-entropy."""
-    return _weight_gradients(model, Standard(), _score_batches(ctx, SNIP_BATCHES),
+    """SNIP connection sensitivity on the regime's training loss."""
+    return _weight_gradients(model, ctx.objective, _score_batches(ctx, SNIP_BATCHES),
                              per_batch_abs=False, seed=ctx.seed)
 
 

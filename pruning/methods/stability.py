@@ -51,4 +51,4 @@ def stability_objective(model: nn.Module, ctx) -> Objective:
 def stability_scores(model: nn.Module, sparsity: float, scope: str, ctx) -> Scores:
     """HYDRA scores learned on the stability-regularised objective."""
     return learn_scores(model, sparsity, scope, lambda student: stability_objective(student, ctx),
-                        ctx.data, ctx.score_training, ctx.progress)
+                        ctx.data, ctx.score_training, ctx.progress, layers=ctx.layers)

@@ -23,8 +23,8 @@ measured alike.
 Methods (``scores(model, fraction, scope, ctx) -> {layer name: (n_units,)}``, larger = keep):
 
 - ``slim`` (Liu et al., ICCV 2017, network slimming): train for ``ctx.score_training`` epochs
-  on the regime's loss + ``λ·Σ|γ|`` over every BatchNorm γ (λ = ``ctx.slim_penalty``, 1e-4
-  as in the paper), **in place** (the sparsity-inducing training is part of the method), then
+  on the regime's loss + ``λ·mean|γ|`` over every BatchNorm γ (λ = ``ctx.slim_penalty``, 1e-4
+  as in the paper's code; ``SlimPenalty``, also the fine-tuning objective), **in place** (the sparsity-inducing training is part of the method), then
   score each unit by its ``|γ|``. Only layers followed by a BatchNorm are pruned; a model with
   no BatchNorm is an error.
 - ``l1-channel`` (Li et al., ICLR 2017, pruning filters): the L1 norm of the unit's filter.
@@ -42,7 +42,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from pruning.errors import PruningError
-from pruning.models import effective_weight, prunable_layers
+from pruning.models import effective_weight, prunable_layers, scoped_layers
 from pruning.sparsity import check_sparsity, effective_parameter, pruned_parameters
 from pruning.train import train
 
@@ -142,37 +142,80 @@ def check_channel_fraction(model: nn.Module, fraction: float) -> None:
                 f"{(group.n_units - 0.5) / group.n_units:.4g}")
 
 
-def prune_channels(model: nn.Module, scores: ChannelScores, fraction: float) -> None:
-    """Remove exactly ``round(fraction · n_units)`` units of every layer named in ``scores``
-    (the lowest-scored; units already dead count towards it and are removed first).
+def prune_channels(model: nn.Module, scores: ChannelScores, fraction: float,
+                   threshold: str = "layer", layers: str = "all") -> None:
+    """Remove units of the layers named in ``scores`` (the lowest-scored; units already dead
+    count towards the target and go first), restricted to the layer scope ``layers``
+    ("all" or "conv": scores of other layers are ignored).
 
-    scores: layer name -> (n_units,). A fraction that removes every unit of a layer, or is
-    below what a layer has already lost, is an error.
+    threshold "layer": exactly ``round(fraction · n_units)`` units in every scored layer.
+    threshold "global": one ranking over the units of all scored layers together (the paper's
+    ``prune_model_structured(local=False)``: one threshold over every BatchNorm2d channel), so
+    exactly ``round(fraction · Σ n_units)`` units go in all, unevenly between layers; a
+    ranking that would empty a layer is an error.
+
+    scores: layer name -> (n_units,). A fraction below what is already removed is an error.
     """
-    check_channel_fraction(model, fraction)
+    check_sparsity(fraction)
+    if threshold not in ("layer", "global"):
+        raise PruningError(f"unknown threshold {threshold!r}; choose 'global' or 'layer'")
     groups = {g.name: g for g in channel_groups(model)}
-    layers = prunable_layers(model)
-    reader_of = {name: layers[i + 1][1] for i, (name, _) in enumerate(layers[:-1])}
+    layers_list = prunable_layers(model)
+    reader_of = {name: layers_list[i + 1][1] for i, (name, _) in enumerate(layers_list[:-1])}
+    in_scope = {name for name, _ in scoped_layers(model, layers)}
+    chosen = {}
     for name, score in scores.items():
         if name not in groups:
             raise PruningError(f"layer {name!r} has no prunable output channels (unknown "
                                "layer or the classifier)")
-        group = groups[name]
-        n_remove = round(fraction * group.n_units)
-        alive = alive_units(group)
-        n_dead = int((~alive).sum())
-        if n_remove < n_dead:
-            raise PruningError(f"layer {name} already has {n_dead} of {group.n_units} units "
-                               f"removed, more than the fraction {fraction} allows ({n_remove})")
-        if tuple(score.shape) != (group.n_units,):
+        if name not in in_scope:
+            continue
+        if tuple(score.shape) != (groups[name].n_units,):
             raise PruningError(f"channel scores of layer {name} have shape "
-                               f"{tuple(score.shape)}, expected ({group.n_units},)")
-        ranked = torch.where(alive.cpu(), score.detach().to(torch.float64).cpu(), -torch.inf)
-        order = torch.argsort(ranked, stable=True)
-        keep = torch.ones(group.n_units, dtype=torch.bool)
-        keep[order[:n_remove]] = False
-        _mask_units(group, keep.to(alive.device))
-        _mask_readers(reader_of[name], keep.to(alive.device))
+                               f"{tuple(score.shape)}, expected ({groups[name].n_units},)")
+        alive = alive_units(groups[name])
+        chosen[name] = torch.where(alive.cpu(), score.detach().to(torch.float64).cpu(),
+                                   -torch.inf)
+    if not chosen:
+        raise PruningError(f"no scored layer is in the layer scope {layers!r}")
+    if threshold == "layer":
+        check_channel_fraction(model, fraction)
+        keeps = {name: _lowest_removed(ranked, round(fraction * ranked.numel()), name)
+                 for name, ranked in chosen.items()}
+    else:
+        keeps = _global_keep(chosen, fraction)
+    for name, keep in keeps.items():
+        device = effective_weight(groups[name].layer).device
+        _mask_units(groups[name], keep.to(device))
+        _mask_readers(reader_of[name], keep.to(device))
+
+
+def _lowest_removed(ranked: torch.Tensor, n_remove: int, name: str) -> torch.Tensor:
+    """(n,) bool keep-mask removing the ``n_remove`` lowest of ``ranked`` (dead = -inf)."""
+    n_dead = int(torch.isinf(ranked).sum())
+    if n_remove < n_dead:
+        raise PruningError(f"layer {name} already has {n_dead} of {ranked.numel()} units "
+                           f"removed, more than the target allows ({n_remove})")
+    keep = torch.ones(ranked.numel(), dtype=torch.bool)
+    keep[torch.argsort(ranked, stable=True)[:n_remove]] = False
+    return keep
+
+
+def _global_keep(chosen: dict[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
+    """Keep-masks from one ranking of all units of all layers in ``chosen``."""
+    names = list(chosen)
+    flat = torch.cat([chosen[n] for n in names])
+    keep = _lowest_removed(flat, round(fraction * flat.numel()), ", ".join(names))
+    out, start = {}, 0
+    for name in names:
+        part = keep[start:start + chosen[name].numel()]
+        start += chosen[name].numel()
+        if not part.any():
+            raise PruningError(f"a global channel threshold at fraction {fraction} would remove "
+                               f"every unit of layer {name}; use threshold = \"layer\" or a "
+                               "smaller fraction")
+        out[name] = part
+    return out
 
 
 def mask_existing_zeros(model: nn.Module) -> None:
@@ -213,23 +256,50 @@ def refill_scores(model: nn.Module, fraction: float, scope: str, ctx) -> Channel
             survives[n] = (magnitudes[n] >= threshold) & (magnitudes[n] > 0)
     scores = {}
     for g in groups:
-        count = survives[g.name].flatten(1).sum(1).to(torch.float64)
+        # The fraction of the unit's weights that survive (the count, normalised by the unit's
+        # size so that one global threshold compares units of different layers), with the
+        # surviving L1 mass only breaking ties.
+        share = survives[g.name].flatten(1).to(torch.float64).mean(1)
         mass = (magnitudes[g.name] * survives[g.name]).flatten(1).sum(1).to(torch.float64)
-        scores[g.name] = count + 0.5 * mass / (mass.max() + 1e-12)  # mass only breaks ties
+        scores[g.name] = share + 0.5 * mass / (mass.max() + 1e-12) / survives[g.name][0].numel()
     return scores
 
 
 @dataclasses.dataclass(frozen=True)
-class _SlimPenalty:
-    """The regime's loss + ``penalty · Σ|γ|`` over the given BatchNorms (Liu et al. 2017)."""
+class SlimPenalty:
+    """The regime's loss + ``penalty · mean|γ|`` over the given BatchNorms, at every step: the
+    paper's weighting (VITA-Group/CertifiedPruning ``utils.compute_slim_loss``: Σ|γ| divided by
+    the number of γ, times ``slim_weight`` 1e-4, added in every training step, pre-training
+    included), rather than Liu et al.'s un-normalised ``λ·Σ|γ|``."""
 
     base: object
     batch_norms: tuple[nn.Module, ...]
     penalty: float
 
+    def scheduled(self, epochs_done: float) -> "SlimPenalty":
+        from pruning.objectives import scheduled
+
+        return dataclasses.replace(self, base=scheduled(self.base, epochs_done))
+
     def loss(self, model, x, y, generator):
-        gammas = sum(effective_parameter(bn, "weight").abs().sum() for bn in self.batch_norms)
-        return self.base.loss(model, x, y, generator) + self.penalty * gammas
+        gammas = torch.cat([effective_parameter(bn, "weight").abs().flatten()
+                            for bn in self.batch_norms])
+        return self.base.loss(model, x, y, generator) + self.penalty * gammas.mean()
+
+
+def slim_batch_norms(model: nn.Module) -> tuple[nn.Module, ...]:
+    """The affine BatchNorms that normalise a hidden layer's units (what slim ranks)."""
+    return tuple(g.batch_norm for g in channel_groups(model)
+                 if g.batch_norm is not None and g.batch_norm.affine)
+
+
+def slim_objective(model: nn.Module, ctx) -> "SlimPenalty":
+    """Fine-tuning objective of slim: the regime's loss + the γ penalty at every step."""
+    norms = slim_batch_norms(model)
+    if not norms:
+        raise PruningError("method slim needs BatchNorm layers (it ranks channels by their BN "
+                           "scale γ); this model has none after its hidden layers")
+    return SlimPenalty(ctx.objective, norms, ctx.slim_penalty)
 
 
 def slim_scores(model: nn.Module, fraction: float, scope: str, ctx) -> ChannelScores:
@@ -240,8 +310,8 @@ def slim_scores(model: nn.Module, fraction: float, scope: str, ctx) -> ChannelSc
         raise PruningError("method slim needs BatchNorm layers (it ranks channels by their BN "
                            "scale γ); this model has none after its hidden layers")
     if ctx.score_training.epochs > 0:
-        objective = _SlimPenalty(ctx.objective, tuple(g.batch_norm for g in groups),
-                                 ctx.slim_penalty)
+        objective = SlimPenalty(ctx.objective, tuple(g.batch_norm for g in groups),
+                                ctx.slim_penalty)
         train(model, objective, ctx.data, ctx.score_training, progress=ctx.progress,
               desc="slim")
     return {g.name: effective_parameter(g.batch_norm, "weight").detach().abs() for g in groups}

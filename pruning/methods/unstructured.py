@@ -1,4 +1,4 @@
-"""Data-free unstructured scores: random and weight magnitude."""
+"""Data-free unstructured scores: random and weight magnitude (and none, for controls)."""
 from __future__ import annotations
 
 import torch
@@ -22,4 +22,10 @@ def random_scores(model: nn.Module, sparsity: float, scope: str, ctx) -> Scores:
 def magnitude_scores(model: nn.Module, sparsity: float, scope: str, ctx) -> Scores:
     """``|w|`` of the effective weight (Han et al. 2015; the lottery-ticket criterion)."""
     return {name: effective_weight(module).detach().abs()
+            for name, module in prunable_layers(model)}
+
+
+def no_scores(model: nn.Module, sparsity: float, scope: str, ctx) -> Scores:
+    """Equal scores for a control that prunes nothing (its targets are 0)."""
+    return {name: torch.ones_like(effective_weight(module)).detach()
             for name, module in prunable_layers(model)}

@@ -2,24 +2,25 @@
 
 A study file has a few top-level keys (what is trained, on what) and four tables::
 
-    name = "fmnist_mlp_standard"      # default: the file's stem; outputs go to <out>/<name>
+    name = "paper_fmnist"             # default: the file's stem; outputs go to <out>/<name>
     dataset = "fashion-mnist"
-    model = "mlp2x256"
+    model = "cifar_model_deep"
     data_dir = "/path/to/datasets"    # optional: --data-dir or $CERTIPRUNE_DATA otherwise
     eps = 0.1                         # training radius (adversarial / certified regimes)
-    seed = 0
+    seeds = [0, 1, 2]                 # one whole study per seed (mean ± sd over them)
     threads = 1
     train_limit = 30000               # first N training images (omit: all)
     test_limit = 1000                 # clean / PGD accuracy on the first N test images
 
     [train]    regimes, epochs, rewind_epoch, batch_size, lr, optimizer, ramp_epochs, ...
-    [prune]    methods, sparsities, finetune_epochs, score_epochs, rounds, ...
-    [prune.schedule.<method>]   kind = "iterative", rounds = 3   (per-method schedule)
-    [verify]   images, timeout, eps, compact
+    [prune]    methods, layers, scope, the two ladders, rewind, finetune_epochs, control, ...
+    [verify]   images, timeout, retry_timeout, eps, compact, rounds, other_seed_rounds
     [quick]    overrides for --quick (same keys as above, flattened: epochs, images, ...)
 
-Unknown keys, wrong types and impossible values are one-line ``PruningError``s naming the file
-and the key. ``StudyConfig.quick()`` applies the ``[quick]`` table (and small defaults).
+Every default follows the paper (Li et al., TMLR 2023; VITA-Group/CertifiedPruning): conv
+layers only, one global threshold, unstructured methods 20 % × 16 rounds, channel methods
+11 % × 12 rounds, rewinding the whole state to the epoch-1 state after every round, every
+round verified.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pruning.errors import PruningError
+from pruning.errors import PruningError, PruningFileError
 
 DEFAULT_EPS = {"mnist": 0.1, "fashion-mnist": 0.1, "cifar10": 2 / 255}
 
@@ -49,40 +50,39 @@ class TrainSection:
 
 
 @dataclasses.dataclass(frozen=True)
-class ScheduleSection:
-    """The schedule of one method: ``kind`` "one-shot" or "iterative" (``rounds`` rounds to
-    the target sparsity of the ladder, rewinding as ``rewind``)."""
-
-    kind: str = "one-shot"
-    rounds: int = 1
-    rewind: str = "rewind_lt"
-
-
-@dataclasses.dataclass(frozen=True)
 class PruneSection:
-    """Pruning and fine-tuning (``certiprune prune``'s options). ``sparsities`` is the ladder;
-    0 is the dense model itself. Methods without a ``schedules`` entry run under their default
-    schedule (one-shot; iterative for imp, with ``rounds`` rounds)."""
+    """Pruning: every method runs its ladder (iterative, ``rewind`` after every round), one
+    stage file per round. ``layers``: "conv" (the paper) or "all"; ``scope``: one "global"
+    threshold (the paper) or one per "layer" (methods with a fixed one keep it: hydra and
+    l1-channel per layer). ``finetune_epochs``: retraining per round (None: ``train.epochs``,
+    the paper's full retraining) with the regime's optimiser and, after a rewind, the lr at the
+    rewind epoch's position. ``control``: also train, per dense model, a control that is
+    fine-tuned round by round for exactly the epochs a pruned model gets (no pruning)."""
 
-    methods: tuple[str, ...] = ("random", "magnitude")
-    sparsities: tuple[float, ...] = (0.0, 0.5, 0.9)
-    finetune_epochs: int = 2  # per round when iterative
-    finetune_lr: float = 1e-3
-    score_epochs: int = 2  # HYDRA / stability score learning, slim, nrs
-    score_lr: float = 1e-3
-    score_batches: int | None = None  # snip / taylor
+    methods: tuple[str, ...] = ("random", "imp", "imp-nrs", "snip", "taylor", "hydra",
+                                "slim", "l1-channel", "refill", "nrs")
+    layers: str = "conv"
     scope: str = "global"
-    rounds: int = 3  # default round count of iterative methods
+    unstructured_rate: float = 0.2
+    unstructured_rounds: int = 16
+    channel_rate: float = 0.11
+    channel_rounds: int = 12
+    rewind: str = "rewind_lt"
+    finetune_epochs: int | None = None
+    score_epochs: int = 1  # HYDRA / stability score learning, slim / nrs extra training
+    score_lr: float = 1e-3
+    score_batches: int | None = 1  # snip / taylor: the paper scores one mini-batch
     stability_weight: float = 0.5
     slim_penalty: float = 1e-4
-    schedules: dict[str, ScheduleSection] = dataclasses.field(default_factory=dict)
+    rs_weight: float | None = None  # NRS weight (None: 0.01, 0.001 under crown-ibp)
+    control: bool = True
 
-    def schedule_of(self, method: str, default_kind: str) -> ScheduleSection:
-        if method in self.schedules:
-            return self.schedules[method]
-        if default_kind == "iterative":
-            return ScheduleSection(kind="iterative", rounds=self.rounds)
-        return ScheduleSection()
+    def ladder(self, structured: bool):
+        from pruning.schedule import Ladder
+
+        if structured:
+            return Ladder(self.channel_rate, self.channel_rounds)
+        return Ladder(self.unstructured_rate, self.unstructured_rounds)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,11 +91,20 @@ class VerifySection:
     (None: the training eps) with a per-image ``timeout`` in seconds. ``compact``: verify the
     compacted ONNX (BatchNorm folded, dead units removed; same function, fewer ReLUs)."""
 
-    images: int = 100
+    images: int = 200
     timeout: float = 30.0
+    retry_timeout: float = 60.0  # second pass over the first pass's timeouts (≥ 60 s)
     eps: float | None = None
     compact: bool = True
     pgd_steps: int = 10  # the PGD accuracy column
+    rounds: tuple[int, ...] | None = None  # rounds verified for the first seed (None: all)
+    other_seed_rounds: tuple[int, ...] | None = None  # for the other seeds (None: as rounds)
+
+    def rounds_for(self, seed_index: int, n_rounds: int) -> list[int]:
+        """The rounds (1..n_rounds) whose models are measured and verified for a seed."""
+        chosen = self.rounds if seed_index == 0 or self.other_seed_rounds is None \
+            else self.other_seed_rounds
+        return [r for r in range(1, n_rounds + 1) if chosen is None or r in chosen]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +114,7 @@ class StudyConfig:
     model: str = "mlp2x256"
     data_dir: str | None = None
     eps: float | None = None  # None: the dataset's default
-    seed: int = 0
+    seeds: tuple[int, ...] = (0,)
     threads: int = 1
     train_limit: int | None = None
     test_limit: int | None = 1000
@@ -127,7 +136,6 @@ class StudyConfig:
         """The ``--quick`` variant: small data, one epoch, few images, short ladder; then the
         file's ``[quick]`` table on top. Its outputs go to ``<name>-quick``."""
         values = dict(QUICK_DEFAULTS)
-        values["sparsities"] = _quick_ladder(self.prune.sparsities)
         values.update(self.quick_overrides)
         top = {k: values.pop(k) for k in list(values) if k in _TOP_QUICK}
         sections = {}
@@ -135,10 +143,6 @@ class StudyConfig:
                              ("verify", VerifySection)):
             names = {f.name for f in dataclasses.fields(cls)}
             changes = {k: values.pop(k) for k in list(values) if k in names}
-            if section == "prune" and "rounds" in changes:  # shorter iterative schedules too
-                schedules = {m: dataclasses.replace(s, rounds=min(s.rounds, changes["rounds"]))
-                             for m, s in self.prune.schedules.items()}
-                changes["schedules"] = schedules
             sections[section] = dataclasses.replace(getattr(self, section), **changes)
         return dataclasses.replace(self, name=self.name + "-quick", quick_overrides={},
                                    **top, **sections)
@@ -153,16 +157,10 @@ class StudyConfig:
 # --quick: about a minute for an MLP; the [quick] table of a file may change any of these.
 QUICK_DEFAULTS: dict[str, Any] = {
     "train_limit": 1000, "test_limit": 200, "epochs": 1, "rewind_epoch": 1,
-    "finetune_epochs": 1, "score_epochs": 1, "rounds": 2, "images": 5, "timeout": 2.0,
-    "pgd_steps": 3,
+    "finetune_epochs": 1, "score_epochs": 1, "unstructured_rounds": 2, "channel_rounds": 2,
+    "images": 5, "timeout": 2.0, "retry_timeout": 4.0, "pgd_steps": 3, "seeds": [0],
 }
-_TOP_QUICK = {"train_limit", "test_limit", "seed", "threads"}
-
-
-def _quick_ladder(ladder: tuple[float, ...]) -> tuple[float, ...]:
-    """The dense model plus the middle of the ladder's nonzero sparsities."""
-    nonzero = [s for s in ladder if s > 0]
-    return (0.0,) + ((nonzero[len(nonzero) // 2],) if nonzero else ())
+_TOP_QUICK = {"train_limit", "test_limit", "seeds", "threads"}
 
 
 # ---------------------------------------------------------------- reading
@@ -171,11 +169,11 @@ def load_config(path: str | Path) -> StudyConfig:
     """Read and check a study file; every problem is one ``PruningError`` line."""
     path = Path(path)
     if not path.is_file():
-        raise PruningError(f"study config not found: {path}")
+        raise PruningFileError(f"study config not found: {path}")
     try:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise PruningError(f"{path}: not valid TOML: {str(err).splitlines()[0]}") from None
+        raise PruningFileError(f"{path}: not valid TOML: {str(err).splitlines()[0]}") from None
     return parse_config(data, source=str(path), default_name=path.stem)
 
 
@@ -187,12 +185,7 @@ def parse_config(data: dict, source: str = "<config>", default_name: str = "stud
         sections[key] = _build(cls, _table(data.pop(key, {}), f"{where}: [{key}]"),
                                f"{where}: [{key}]")
     prune = dict(_table(data.pop("prune", {}), f"{where}: [prune]"))
-    schedules = {}
-    for method, table in _table(prune.pop("schedule", {}), f"{where}: [prune.schedule]").items():
-        schedules[method] = _build(ScheduleSection,
-                                   _table(table, f"{where}: [prune.schedule.{method}]"),
-                                   f"{where}: [prune.schedule.{method}]")
-    sections["prune"] = _build(PruneSection, prune, f"{where}: [prune]", schedules=schedules)
+    sections["prune"] = _build(PruneSection, prune, f"{where}: [prune]")
     quick = _table(data.pop("quick", {}), f"{where}: [quick]")
     top = _build(StudyConfig, {"name": default_name, **data}, where,
                  exclude=("train", "prune", "verify", "quick_overrides", "source"),
@@ -252,7 +245,8 @@ def _check_quick(quick: dict, where: str) -> None:
     known = {}
     for cls in (TrainSection, PruneSection, VerifySection, StudyConfig):
         known.update({f.name: f for f in dataclasses.fields(cls)})
-    allowed = set(QUICK_DEFAULTS) | {"sparsities", "methods", "regimes", "seed", "threads"}
+    allowed = set(QUICK_DEFAULTS) | {"methods", "regimes", "threads", "rounds",
+                                     "other_seed_rounds"}
     for key, value in quick.items():
         name = key.replace("-", "_")
         if name not in allowed:
@@ -266,12 +260,12 @@ def _check_quick(quick: dict, where: str) -> None:
 def check_config(config: StudyConfig) -> None:
     """Names and ranges that can be known before any work starts."""
     from pruning.methods import METHOD_NAMES
-    from pruning.models import MODELS
+    from pruning.models import LAYER_SCOPES, MODELS
     from pruning.objectives import REGIMES
-    from pruning.schedule import REWINDS, SCHEDULES
+    from pruning.schedule import REWINDS
     from pruning.sparsity import SCOPES
 
-    where = config.source
+    where, prune = config.source, config.prune
     if config.dataset not in DEFAULT_EPS:
         _bad(where, "dataset", config.dataset, DEFAULT_EPS)
     if config.model not in MODELS:
@@ -279,35 +273,38 @@ def check_config(config: StudyConfig) -> None:
     for regime in config.train.regimes:
         if regime not in REGIMES:
             _bad(where, "train.regimes", regime, REGIMES)
-    for method in config.prune.methods:
-        if method not in METHOD_NAMES:
-            _bad(where, "prune.methods", method, METHOD_NAMES)
-    for method, schedule in config.prune.schedules.items():
-        if method not in METHOD_NAMES:
-            _bad(where, "prune.schedule", method, METHOD_NAMES)
-        if schedule.kind not in SCHEDULES:
-            _bad(where, f"prune.schedule.{method}.kind", schedule.kind, SCHEDULES)
-        if schedule.rewind not in REWINDS:
-            _bad(where, f"prune.schedule.{method}.rewind", schedule.rewind, REWINDS)
-        if schedule.rounds < 1:
-            raise PruningError(f"{where}: prune.schedule.{method}.rounds must be ≥ 1")
-    if config.prune.scope not in SCOPES:
-        _bad(where, "prune.scope", config.prune.scope, SCOPES)
-    if not config.train.regimes or not config.prune.sparsities:
-        raise PruningError(f"{where}: train.regimes and prune.sparsities must not be empty")
-    for s in config.prune.sparsities:
-        if not 0.0 <= s < 1.0:
-            raise PruningError(f"{where}: prune.sparsities: {s} is not in [0, 1)")
-    if len(set(config.prune.sparsities)) != len(config.prune.sparsities):
-        raise PruningError(f"{where}: prune.sparsities repeats a value")
+    for method in prune.methods:
+        if method not in METHOD_NAMES or method.startswith("control"):
+            _bad(where, "prune.methods", method,
+                 [m for m in METHOD_NAMES if not m.startswith("control")])
+    if prune.rewind not in REWINDS:
+        _bad(where, "prune.rewind", prune.rewind, REWINDS)
+    if prune.scope not in SCOPES:
+        _bad(where, "prune.scope", prune.scope, SCOPES)
+    if prune.layers not in LAYER_SCOPES:
+        _bad(where, "prune.layers", prune.layers, LAYER_SCOPES)
+    for kind in ("unstructured", "channel"):
+        rate, rounds = getattr(prune, f"{kind}_rate"), getattr(prune, f"{kind}_rounds")
+        if not 0 < rate < 1 or rounds < 1:
+            raise PruningError(f"{where}: prune.{kind}_rate must be in (0, 1) and "
+                               f"prune.{kind}_rounds ≥ 1")
+    if not config.train.regimes or not config.seeds:
+        raise PruningError(f"{where}: train.regimes and seeds must not be empty")
+    if len(set(config.seeds)) != len(config.seeds):
+        raise PruningError(f"{where}: seeds repeats a value")
     if not 0 <= config.train.rewind_epoch <= config.train.epochs:
         raise PruningError(f"{where}: train.rewind_epoch {config.train.rewind_epoch} is not in "
                            f"0..{config.train.epochs} (train.epochs)")
-    if config.verify.images < 1 or config.verify.timeout <= 0 or config.threads < 1:
+    verify = config.verify
+    if verify.images < 1 or verify.timeout <= 0 or config.threads < 1:
         raise PruningError(f"{where}: verify.images and threads must be ≥ 1 and "
                            "verify.timeout > 0")
-    if config.train.epochs < 1 or config.prune.rounds < 1:
-        raise PruningError(f"{where}: train.epochs and prune.rounds must be ≥ 1")
+    if verify.retry_timeout < verify.timeout:
+        raise PruningError(f"{where}: verify.retry_timeout ({verify.retry_timeout:g} s) must "
+                           f"be ≥ verify.timeout ({verify.timeout:g} s)")
+    if config.train.epochs < 1 or (prune.finetune_epochs is not None
+                                   and prune.finetune_epochs < 1):
+        raise PruningError(f"{where}: train.epochs and prune.finetune_epochs must be ≥ 1")
     if not config.name or "/" in config.name:
         raise PruningError(f"{where}: name {config.name!r} must be a non-empty file name")
 
@@ -319,11 +316,12 @@ def _bad(where: str, key: str, value, choices) -> None:
 
 # ---------------------------------------------------------------- resuming
 
-# Keys whose change invalidates finished stages are all but these: the ladder, the methods,
-# the regimes, the number of images, threads and the data path may grow or change between runs.
-_FREE_KEYS = {"threads", "data_dir", "quick_overrides"}
-_FREE_SECTION_KEYS = {"train": {"regimes"}, "prune": {"methods", "sparsities", "schedules"},
-                      "verify": {"images"}}
+# Keys whose change invalidates finished stages are all but these: the methods, seeds, regimes,
+# the images and rounds verified, threads and the data path may grow or change between runs
+# (a longer retry budget only re-verifies what is still a timeout).
+_FREE_KEYS = {"threads", "data_dir", "quick_overrides", "seeds"}
+_FREE_SECTION_KEYS = {"train": {"regimes"}, "prune": {"methods", "control"},
+                      "verify": {"images", "rounds", "other_seed_rounds", "retry_timeout"}}
 
 
 def changed_keys(stored: dict, current: dict) -> set[str]:

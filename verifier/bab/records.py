@@ -5,6 +5,11 @@ Every bounded subdomain leaves one record: id, parent, depth, the split that cre
 unstable ReLUs per layer, and the time since verification started. Records are kept as batched
 tensors and turned into JSON lines only when written, so leaving them on costs little.
 
+The records also keep the seconds spent in each phase of ``verify`` (``phases``: ibp, crown,
+attack, alpha, search) and, where the run was cut short, why (``cut``: the deadline, or the
+wall-clock safety net that interrupts a step overrunning it); a cut run's records are written all
+the same, marked ``"cut": true`` with its ``cut_reason``.
+
 Each input region also keeps a ``RootRecord``: the attack's best margin and the root lower bound
 of the same margin under IBP, CROWN and alpha-CROWN (their difference is the relaxation gap).
 
@@ -58,6 +63,12 @@ class SubdomainRecords:
     batches: list[dict] = field(default_factory=list)
     next_id: int = 0
     roots: dict[int, RootRecord] = field(default_factory=dict)
+    phases: dict[str, float] = field(default_factory=dict)   # phase name -> seconds spent in it
+    cut: Optional[str] = None        # why the run ended before a verdict (None: it was not cut)
+
+    def add_phase(self, name: str, seconds: float) -> None:
+        """Add ``seconds`` to the time of phase ``name`` (a phase may run once per region)."""
+        self.phases[name] = self.phases.get(name, 0.0) + seconds
 
     def root(self, region: int) -> RootRecord:
         """The region's root record, created empty on first use."""
@@ -92,13 +103,16 @@ class SubdomainRecords:
 
     def write(self, path: str, instance: dict, seconds: Optional[float] = None) -> None:
         """Append JSON lines: one instance summary (``instance`` fields, e.g. model, spec and the
-        verdict as ``result``; total ``seconds``; root records), then one per subdomain. Every line
+        verdict as ``result``; total ``seconds``; root records; ``cut``/``cut_reason``; the
+        ``phases``' seconds), then one per subdomain. Every line
         carries the instance's fields and an ``instance_id`` shared by the lines of this call."""
         instance = dict(instance, instance_id=uuid.uuid4().hex[:12])
         with open(path, "a") as f:
             f.write(json.dumps({"record": "instance", **instance,
                                 "seconds": None if seconds is None else round(seconds, 4),
-                                "subdomains": self.count,
+                                "subdomains": self.count, "cut": self.cut is not None,
+                                "cut_reason": self.cut,
+                                "phases": {k: round(v, 4) for k, v in self.phases.items()},
                                 "roots": [self.roots[r].as_json() for r in sorted(self.roots)]}) + "\n")
             for b in self.batches:
                 columns = {key: b[key].tolist() for key in ("id", "parent", "depth", "lower", "unstable",

@@ -21,6 +21,7 @@ from ..graph import BoundGraph
 from ..ops import Bounds
 from ..ops.base import LinearBound, contract
 from .budget import CrownBudget, bytes_per_row, row_chunks
+from .floating import pass_slack, widen_ibp
 from .ibp import ibp_bounds
 from .perturbation import LpBall, ball_concretize, take_rows
 
@@ -175,6 +176,7 @@ def backward_bound(graph: BoundGraph, start: int, lA: Optional[Tensor], uA: Opti
     offers its own shortcuts (``Op.identity_rows``, ``Op.bound_over_box``).
     """
     N = box.lower.shape[0]
+    slack = pass_slack(graph, start, bounds, box, splits)   # float-soundness pass (issue 26)
     if start_rows is not None:
         first, bound = _start_bound(graph, start, start_rows, N, box)
     else:
@@ -197,11 +199,17 @@ def backward_bound(graph: BoundGraph, start: int, lA: Optional[Tensor], uA: Opti
             lA_i = None if lA_i is None else lA_i - term
             uA_i = None if uA_i is None else uA_i + term
             if i in splits.points:   # s (z - p) >= 0: the constant beta s p joins the biases
-                constant = contract(term, splits.points[i].unsqueeze(1))
-                total = total.shift(constant if lA_i is not None else 0.0, -constant if uA_i is not None else 0.0)
+                point = splits.points[i].unsqueeze(1)
+                constant = contract(term, point)
+                # widened by a bound on the sum's rounding (n terms: n eps of the sum of |terms|)
+                n = point[0].numel()
+                rounding = 2 * n * torch.finfo(term.dtype).eps * contract(term.abs(), point.abs())
+                total = total.shift(constant - rounding if lA_i is not None else 0.0,
+                                    -constant + rounding if uA_i is not None else 0.0)
         node = graph.nodes[i]
         op = node.op
-        if record is None and flat_input and node.inputs == (0,) and not isinstance(box, LpBall):
+        if record is None and slack is None and flat_input and node.inputs == (0,) \
+                and not isinstance(box, LpBall):
             direct = op.bound_over_box(lA_i, uA_i, box)
             if direct is not None:
                 total = total.shift(0.0 if direct[0] is None else direct[0], 0.0 if direct[1] is None else direct[1])
@@ -213,6 +221,8 @@ def backward_bound(graph: BoundGraph, start: int, lA: Optional[Tensor], uA: Opti
             kwargs["alpha_l"], kwargs["alpha_u"] = alphas[(start, i)]
         if lines is not None and i in lines:
             kwargs["lines"] = lines[i]
+        if slack is not None:   # float-soundness pass (issue 26)
+            slack.step(i, lA_i, uA_i)
         result = op.backward(lA_i, uA_i, *(bounds[j] for j in node.inputs), **kwargs)
         total = total.shift(result.lbias, result.ubias)
         for j, (l_j, u_j) in zip(node.inputs, result.input_A):
@@ -227,7 +237,11 @@ def backward_bound(graph: BoundGraph, start: int, lA: Optional[Tensor], uA: Opti
         uA0 = torch.zeros(N, 1, *graph.input_shape, dtype=box.lower.dtype, device=box.lower.device)
     if record is not None and lA0 is not None:
         record[0] = lA0
-    return concretize(lA0 if want_l else None, uA0 if want_u else None, total.lbias, total.ubias, box)
+    lb, ub = (concretize if slack is None else slack.concretize)(lA0 if want_l else None, uA0 if want_u else None,
+                                                                 total.lbias, total.ubias, box)
+    if slack is not None:   # float-soundness pass (issue 26)
+        lb, ub = slack.finish(lA0 if want_l else None, uA0 if want_u else None, lb, ub, start_rows)
+    return lb, ub
 
 
 def unstable_rows(graph: BoundGraph, node: int, b: Bounds) -> Tensor:
@@ -356,6 +370,7 @@ def crown_bounds(graph: BoundGraph, box: Bounds, alphas: Optional[Alphas] = None
     for i, node in enumerate(graph.nodes[1:], start=1):
         _add_lines(graph, i - 1, bounds, lines)
         b = node.op.ibp(*(bounds[j] for j in node.inputs))
+        b = widen_ibp(graph, i, b, bounds)   # float-soundness pass (issue 26)
         if i in needed:
             if reference is not None and reference[i] is not None:
                 b = intersect(b, reference[i])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..graph import BoundGraph
 from ..ops import Bounds
+from .floating import widen_ibp
 
 
 def ibp_bounds(graph: BoundGraph, box: Bounds, upto: int | None = None) -> list[Bounds]:
@@ -11,4 +12,5 @@ def ibp_bounds(graph: BoundGraph, box: Bounds, upto: int | None = None) -> list[
     bounds: list[Bounds] = [box]
     for node in graph.nodes[1:last + 1]:
         bounds.append(node.op.ibp(*(bounds[j] for j in node.inputs)))
+        bounds[-1] = widen_ibp(graph, len(bounds) - 1, bounds[-1], bounds)   # float-soundness pass (issue 26)
     return bounds

@@ -1,6 +1,7 @@
 """Loading an ONNX file: checks, opset upgrade, onnx2torch conversion, then the bound graph."""
 from __future__ import annotations
 
+import gzip
 import os
 from dataclasses import dataclass
 
@@ -47,9 +48,9 @@ def read_onnx(path: str):
     import onnx
     if not os.path.isfile(path):
         raise InputFileError(f"{path}: no such file")
-    try:
-        model = onnx.load(path)
-    except Exception as exc:  # onnx raises DecodeError and others for non-ONNX bytes
+    try:   # .onnx.gz as VNN-COMP distributes some models (like .vnnlib.gz): onnx.load reads a file object
+        model = onnx.load(gzip.open(path, "rb") if path.endswith(".gz") else path)
+    except Exception as exc:  # onnx raises DecodeError and others for non-ONNX bytes; gzip BadGzipFile
         raise InputFileError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
     if not model.graph.node:
         raise InputFileError(f"{path}: not an ONNX model (empty graph)")

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .base import BackwardResult, Bounds, Op, contract
+from .base import BackwardResult, Bounds, Op, contract, magnitude
 
 
 class ReLU(Op):
@@ -73,6 +73,24 @@ class ReLU(Op):
                 unstable.unsqueeze(1), alpha_u, lower_slope.unsqueeze(1))
             uA_in, ubias = _through_lines(uA, up_s, lo, upper_intercept, intercept_on_negative=False)
         return BackwardResult([(lA_in, uA_in)], lbias, ubias)
+
+    # ---- float soundness (issue 26; verifier/bounds/floating.py) -------------------------------
+    def float_error(self, inputs, rounding):
+        """Forward and IBP are exact on floats (a runtime's too). A backward step, per unit of |A|:
+        the coefficient ``A s1 + min(A, 0) (s2 - s1)`` has three roundings on slopes in [0, 1]
+        (3 gamma_3 m over the input's values, |y| <= m); the computed upper line
+        ``s = fl(u / fl(u - l))``, ``t = fl(-l s)`` may lie below the chord by gamma_3 m at the
+        ends (the lower lines ``a y``, a in [0, 1], hold exactly); the intercepts t <= m summed
+        over the k neurons unstable in a sample: gamma_{k + 2} m. (N, *shape)."""
+        b = inputs[0]
+        if not rounding.backward:
+            return torch.zeros_like(b.lower)
+        m = magnitude(b)
+        unstable = ((b.lower < 0) & (b.upper > 0)).flatten(1).sum(1).max()
+        return (4 * rounding.gamma(3) + rounding.gamma(int(unstable) + 2)) * m
+
+    def float_gain(self, error):
+        return error   # 1-Lipschitz; backward slopes lie in [0, 1]
 
 
 def _through_lines(A: Tensor, slope_nonneg: Tensor, slope_neg: Tensor, intercept: Tensor,
@@ -146,6 +164,26 @@ class _SShaped(Op):
             ubias = contract(uA.clamp(min=0), up1) + contract(uA.clamp(max=0), lo1)
         return BackwardResult([(lA_in, uA_in)], lbias, ubias)
 
+    # ---- float soundness (issue 26; verifier/bounds/floating.py) -------------------------------
+    # max f' over the reals: the Lipschitz constant, and a bound on the chord slopes k
+    max_slope = 1.0
+
+    def float_error(self, inputs, rounding):
+        """A runtime: ``function_error`` (its approximation of f; the input's error is
+        ``float_gain``'s). Ours: IBP evaluates f by libm (a few ulps of |f| <= 1: 16 u, as the
+        relaxation's own margin); a backward step rounds ``A k`` (u |k| m) and sums the
+        intercepts (|intercept| <= 1 + |k| m) over the node: gamma_{numel + 4} (2 + 2 m).
+        The lines themselves carry a margin of 16 ulps against rounding in f (``relaxation``)."""
+        b = inputs[0]
+        if rounding.runtime:
+            return torch.full_like(b.lower, rounding.function_error)
+        if not rounding.backward:
+            return torch.full_like(b.lower, 16 * rounding.unit)
+        return rounding.gamma(b.lower[0].numel() + 4) * (2 + 2 * magnitude(b))
+
+    def float_gain(self, error):
+        return self.max_slope * error
+
 
 class Sigmoid(_SShaped):
     def f(self, x):
@@ -160,6 +198,8 @@ class Sigmoid(_SShaped):
         k = k.clamp(1e-12, 0.25)
         s = (1 + torch.sqrt((1 - 4 * k).clamp(min=0))) / 2
         return torch.logit(s.clamp(max=1 - 1e-7 if s.dtype == torch.float32 else 1 - 1e-15))
+
+    max_slope = 0.25   # float soundness: sigmoid' <= 1/4
 
 
 class Tanh(_SShaped):

@@ -141,6 +141,38 @@ class Op:
     def describe(self) -> str:
         return type(self).__name__
 
+    # ---- float soundness (issue 26; the analysis: verifier/bounds/floating.py) ----------------
+    # The conservative default of an op without its own rules: None, "no rounding rule". In
+    # float mode "sound", ``verify`` then answers ``unknown`` naming the op, before any bounding,
+    # and a bound pass over the graph raises UnsupportedOperatorError; float mode "fast" bounds
+    # it as before. Subclasses override all three.
+    def float_error(self, inputs: Sequence[Bounds], rounding) -> Optional[Tensor]:
+        """A bound (N, *out_shape), >= 0, on the rounding error of this op's computation, given
+        Bounds ``inputs`` (N, *in_shape) of each perturbed input's value, in arithmetic
+        ``rounding`` (``verifier.ops.rounding.Rounding``). With ``rounding.runtime`` only the
+        concrete forward evaluation counts; otherwise it also bounds (a) the error of each end
+        of ``ibp`` and (b) the error that one ``backward`` step through the op adds to a bound,
+        per unit of |A| on the op's output: the step's result differs from the exact one by at
+        most ``|A| . float_error``."""
+        return None
+
+    def float_gain(self, *errors: Tensor) -> Optional[Tensor]:
+        """How input perturbations reach the output: |f(x + d) - f(x)| <= float_gain(|d|)
+        elementwise, for perturbation bounds ``errors`` (N, *in_shape) -> (N, *out_shape).
+        Monotone and positively homogeneous in ``errors``."""
+        return None
+
+    def float_coefficient_gain(self, *magnitudes: Tensor) -> Optional[Tensor]:
+        """The transpose of a bound on |backward|: a map G with sum |A_in| . m <= |A| . G(m) for
+        the coefficients A_in = backward(A) of every relaxation the op can use. For linear maps
+        and slopes in [-1, 1] this is ``float_gain``."""
+        return self.float_gain(*magnitudes)
+
+
+def magnitude(b: Bounds) -> Tensor:
+    """max |x| over the interval: (N, *shape)."""
+    return torch.maximum(b.lower.abs(), b.upper.abs())
+
 
 def contract(A: Tensor, t: Tensor) -> Tensor:
     """``sum over the per-sample dims of A * t``: A (N, S, *shape), t broadcastable to

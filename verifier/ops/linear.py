@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import BackwardResult, Bounds, Op, Param, map_A
+from .base import BackwardResult, Bounds, Op, Param, magnitude, map_A
 
 
 class Linear(Op):
@@ -43,6 +43,20 @@ class Linear(Op):
         return BackwardResult([(lA_in, uA_in)], lbias if lA is not None else 0.0,
                               ubias if uA is not None else 0.0)
 
+    # ---- float soundness (issue 26; verifier/bounds/floating.py) -------------------------------
+    def float_error(self, inputs, rounding):
+        """Forward and IBP: dot products of length in (+ bias, centre and radius roundings);
+        backward: ``A W`` sums ``out`` products per entry and ``A b`` all of the output's entries.
+        (``_affine_error``; N, *out). A runtime that folds a BatchNorm into this layer rounds its
+        bias from constants as large as ``constant_magnitude``."""
+        m = magnitude(inputs[0])
+        W = self.weight()
+        rows = m[0].numel() // W.shape[1]   # entries of the leading per-sample dims
+        return _affine_error(F.linear(m, W.abs()), None if self.bias is None else self.bias().abs(),
+                             W.shape[1], W.shape[0], rows + W.shape[0], rounding)
+
+    def float_gain(self, error):
+        return F.linear(error, self.weight().abs())
 
     def identity_rows(self, rows: Tensor, N: int, in_shape: tuple[int, ...]):
         """Identity rows of a 1-D output are rows of W: rows (S,) shared or (N, S) per sample ->
@@ -137,6 +151,42 @@ class Conv2d(Op):
             lbias, ubias = map_A(lambda A: A.sum((-1, -2)).matmul(b), lA, uA)
         return BackwardResult([(lA_in, uA_in)], lbias if lA is not None else 0.0,
                               ubias if uA is not None else 0.0)
+
+    # ---- float soundness (issue 26; verifier/bounds/floating.py) -------------------------------
+    def float_error(self, inputs, rounding):
+        """As ``Linear.float_error``: a forward entry sums C_in k_h k_w / groups products, a
+        backward entry at most C_out k_h k_w (transposed convolution), the bias term every output
+        entry (``_affine_error``). Assumes a direct or
+        im2col + GEMM convolution (MLAS, oneDNN's default); a Winograd or FFT algorithm has a
+        larger error, which this does not bound."""
+        m = magnitude(inputs[0])
+        W = self.weight()
+        products = self._conv(m, W.abs(), None)
+        bias = None if self.bias is None else self.bias().abs().view(-1, 1, 1)
+        # an input entry of the transposed convolution sums at most C_out k_h k_w products; the
+        # bias term sums A over the output positions, then over the channels
+        return _affine_error(products, bias, W[0].numel(), W.shape[0] * W[0, 0].numel(),
+                             products[0, 0].numel() + W.shape[0], rounding)
+
+    def float_gain(self, error):
+        return self._conv(error, self.weight().abs(), None)
+
+
+def _affine_error(products: Tensor, bias: Optional[Tensor], fan_in: int, fan_out: int, bias_terms: int,
+                  rounding) -> Tensor:
+    """The error of a forward step (a runtime's: dot products of ``fan_in`` terms and the bias),
+    or of our IBP (the same, centre and radius) and backward steps (``A W`` sums ``fan_out``
+    products per entry, ``A . b`` ``bias_terms``): gamma_{fan + 4} |W| m + gamma_{terms + 4} |b|,
+    plus, for a runtime, gamma_{fan_in + 8} 2 constant_magnitude (a BatchNorm folded into this
+    layer). products (N, *out) = |W| m, bias |b| broadcastable to (*out) or None."""
+    if not rounding.backward:
+        error = rounding.gamma(fan_in + 4) * products
+        size = (0.0 if bias is None else bias) + (2 * rounding.constant_magnitude if rounding.runtime else 0.0)
+        return error + rounding.gamma(fan_in + 8) * size
+    error = rounding.gamma(fan_out + 4) * products
+    if bias is not None:
+        error = error + rounding.gamma(bias_terms + fan_out + 4) * bias
+    return error
 
 
 class ConvTranspose2d(Op):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import BackwardResult, Bounds, Op
+from .base import BackwardResult, Bounds, Op, magnitude
 
 
 class MaxPool2d(Op):
@@ -136,6 +136,31 @@ class MaxPool2d(Op):
         self.positions = self.positions.to(device)
         return self
 
+    # ---- float soundness (issue 26; verifier/bounds/floating.py) -------------------------------
+    def float_error(self, inputs, rounding):
+        """Forward and IBP (a max) are exact. A backward step scatters each output's coefficient
+        to the K entries of its window (the lower line's weights, normalised by a division) and to
+        the roof's entry k, and sums the roof's intercepts c(t) <= 2 max m over the node: twice
+        the one-entry rule's gamma_{numel + K} 2 maxpool(m), with one more term per sum."""
+        m = magnitude(inputs[0])
+        if not rounding.backward:
+            return torch.zeros_like(self.forward(m))
+        window = self.kernel[0] * self.kernel[1]
+        return 4 * rounding.gamma(m[0].numel() + window + 1) * self.forward(m)
+
+    def float_gain(self, error):
+        return self.forward(error)   # |max x' - max x| <= max |x' - x|
+
+    def float_coefficient_gain(self, magnitudes):
+        """Each output's coefficient |A| goes to its window's entries with weights summing to 1
+        (lower line) plus t <= 1 on one entry (roof): at most twice the sum over the window
+        (zero padding)."""
+        N, C = magnitudes.shape[:2]
+        p = self.padding
+        cols = F.unfold(magnitudes.reshape(N * C, 1, *magnitudes.shape[2:]), self.kernel, dilation=self.dilation,
+                        padding=p, stride=self.stride)                      # (N C, K, L)
+        out = self.forward(magnitudes)
+        return 2 * cols.sum(1).reshape(out.shape)
 
 def _clamp_keep_grad(a: Tensor, low: float, high: Optional[float]) -> Tensor:
     """a clamped into [low, high] in value, with the gradient of the identity: parameters start

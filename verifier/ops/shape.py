@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .base import BackwardResult, Bounds, Op, contract, map_A
+from .base import BackwardResult, Bounds, Op, contract, magnitude, map_A
 
 
 class Rearrange(Op):
@@ -65,6 +65,29 @@ class Rearrange(Op):
             self.fill = self.fill.to(device=device, dtype=dtype)
         return self
 
+    # ---- float soundness (issue 26; verifier/bounds/floating.py) -------------------------------
+    def float_error(self, inputs, rounding):
+        """Forward and IBP move entries (adding a constant to an exact zero): exact. A backward
+        step adds the coefficients of entries read r > 1 times (index_add: gamma_r m_out) and
+        sums ``A . fill`` over the node (gamma_{numel} |fill|); a reshape is exact."""
+        out = self.float_gain(magnitude(inputs[0]))
+        if not rounding.backward or self.is_reshape:
+            return torch.zeros_like(out)
+        reads = torch.bincount(self.index, minlength=self.in_numel + 1)[:self.in_numel]
+        repeated = int(reads.max()) if reads.numel() else 0
+        error = rounding.gamma(repeated) * out if repeated > 1 else torch.zeros_like(out)
+        if self.fill is not None:
+            error = error + rounding.gamma(out[0].numel()) * self.fill.abs().reshape(self.out_shape)
+        return error
+
+    def float_gain(self, error):
+        N = error.shape[0]
+        if self.is_reshape:
+            return error.reshape(N, *self.out_shape)
+        flat = torch.cat([error.reshape(N, self.in_numel), error.new_zeros(N, 1)], dim=1)
+        index = self.index if self.fill is not None else self.index.clamp(max=self.in_numel)
+        return flat[:, index].reshape(N, *self.out_shape)
+
 
 class Concat(Op):
     """Concatenation along per-sample ``axis`` of perturbed inputs and constants.
@@ -104,3 +127,22 @@ class Concat(Op):
     def cast(self, device, dtype):
         self.parts = [None if p is None else p.to(device=device, dtype=dtype) for p in self.parts]
         return self
+
+    # ---- float soundness (issue 26; verifier/bounds/floating.py) -------------------------------
+    def float_error(self, inputs, rounding):
+        """Forward and IBP copy: exact. A backward step sums ``A . part`` over each constant part:
+        gamma_{numel + 4} |part| there, zero on the inputs' slices."""
+        zeros = [torch.zeros_like(b.lower) for b in inputs]
+        if not rounding.backward:
+            return self._assemble(zeros) * 0
+        N = zeros[0].shape[0] if zeros else 1
+        it = iter(zeros)
+        pieces = [next(it) if p is None else p.abs().unsqueeze(0).expand(N, *p.shape) for p in self.parts]
+        out = torch.cat(pieces, dim=self.axis + 1)
+        return rounding.gamma(out[0].numel() + 4) * out
+
+    def float_gain(self, *errors):
+        it = iter(errors)
+        N = errors[0].shape[0]
+        pieces = [next(it) if p is None else errors[0].new_zeros(N, *p.shape) for p in self.parts]
+        return torch.cat(pieces, dim=self.axis + 1)
