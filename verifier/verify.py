@@ -18,7 +18,7 @@ from .attack import AttackConfig, OnnxChecker, confirm, pgd_search
 from .bab.config import BabConfig
 from .bab.input_split import input_split_search
 from .bab.records import RootRecord, SubdomainRecords
-from .bab.relu_split import ReluSplitSearch
+from .bab.general_split import split_search
 from .bounds.alpha import AlphaConfig, alpha_crown, intermediate_slopes
 from .bounds.crown import IntermediateSlopes, crown_bounds, output_bounds
 from .bounds.ibp import ibp_bounds
@@ -301,7 +301,7 @@ def _search(model: BoundedModel, specs: list[RegionSpec], roots: dict[int, Regio
                 if per_disjunct[k] > 0:
                     continue
                 log(f"region {i}, disjunct {k}: ReLU splitting (root bound {float(per_disjunct[k]):.4g})")
-                search = ReluSplitSearch(graph, spec.select(k), check, config.bab, records, i, log)
+                search = split_search(graph, spec.select(k), check, config.bab, records, i, log)
                 outcome, found = search.run(deadline, reference=roots[i].bounds, slopes=roots[i].slopes)
                 if outcome != "unsat":
                     break

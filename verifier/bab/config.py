@@ -6,6 +6,20 @@ from typing import Optional
 
 
 @dataclass(frozen=True)
+class GeneralSplitConfig:
+    """Branch and bound on general non-linearities (``bab/general_split.py``), used where the
+    graph has a splittable op other than ReLU."""
+
+    batch: int = 64                  # domains branched per step (2x children bounded)
+    alpha_iterations: int = 10       # multiplier (and ReLU slope) optimisation steps per batch
+    beta_lr: float = 0.05
+    min_width: float = 1e-5          # a neuron's interval is not split below this width
+    # children re-bound their intermediate layers after the split by CROWN (else interval
+    # propagation from the split, intersected with the parent's bounds)
+    rebound: bool = True
+
+
+@dataclass(frozen=True)
 class BabConfig:
     input_split: str = "auto"        # "auto": split inputs when the input has <= input_split_max_dim entries
     input_split_max_dim: int = 16
@@ -83,3 +97,4 @@ class BabConfig:
     relu_attack_restarts: int = 64
     relu_attack_starts: int = 32
     relu_attack_share: float = 0.05
+    general: GeneralSplitConfig = GeneralSplitConfig()

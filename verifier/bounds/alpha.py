@@ -166,7 +166,7 @@ def _optimise(graph, box, C, config, need_upper, initial, splits, alphas, params
     lines = None if config.optimize_intermediate else relu_lines(graph, initial)
     for _ in range(config.iterations):
         if config.optimize_intermediate:
-            bounds = crown_bounds(graph, box, alphas, splits, reference=best_bounds, rows=rows)
+            bounds = crown_bounds(graph, box, alphas, splits, reference=best_bounds, rows=rows, deadline=deadline)
         else:
             bounds = initial
         lb, ub = output_bounds(graph, box, C, bounds, need_upper, alphas, splits, lines=lines)
@@ -194,7 +194,7 @@ def _optimise(graph, box, C, config, need_upper, initial, splits, alphas, params
         _project(graph, alphas, betas)
     # evaluate the final iterate too: the last step may have improved it
     with torch.no_grad():
-        bounds = crown_bounds(graph, box, alphas, splits, reference=best_bounds, rows=rows) \
+        bounds = crown_bounds(graph, box, alphas, splits, reference=best_bounds, rows=rows, deadline=deadline) \
             if config.optimize_intermediate else initial
         lb, ub = output_bounds(graph, box, C, bounds, need_upper, alphas, splits, record=record, lines=lines)
         best_lb = torch.maximum(best_lb, lb)
@@ -226,10 +226,11 @@ def _optimise_until_proven(graph, box, C, config, initial, splits, alphas, prove
     threshold = proven_above.expand(N, S)
     betas = splits.betas if splits is not None else {}
     signs = splits.signs if splits is not None else {}
+    points = splits.points if splits is not None else {}
     lines = relu_lines(graph, initial)
     best_lb = C.new_full((N, S), -float("inf"))
     active = torch.arange(N, device=C.device)
-    work = _ActiveBatch(active, box, C, initial, lines, signs, alphas, betas, config)
+    work = _ActiveBatch(active, box, C, initial, lines, signs, alphas, betas, config, points=points)
     for step in range(config.iterations + 1):
         final = step == config.iterations or (deadline is not None and time.monotonic() > deadline)
         lb, _ = output_bounds(graph, work.box, work.C, work.bounds, False, work.alphas, work.splits, lines=work.lines,
@@ -248,7 +249,7 @@ def _optimise_until_proven(graph, box, C, config, initial, splits, alphas, prove
             work.write_back(alphas, betas)
             keep = (~proven).nonzero().squeeze(1)
             active = active[keep]
-            work = work.subset(keep, active, box, C, initial, lines, signs, alphas, betas)
+            work = work.subset(keep, active, box, C, initial, lines, signs, alphas, betas, points)
     work.write_back(alphas, betas)
     if record is not None:
         for key, value in work.record.items():
@@ -265,7 +266,7 @@ class _ActiveBatch:
     restricted to rows ``rows`` of its tensors)."""
 
     def __init__(self, active, box, C, initial, lines, signs, alphas, betas, config,
-                 optimizer: Optional[Adam] = None, rows: Optional[Tensor] = None):
+                 optimizer: Optional[Adam] = None, rows: Optional[Tensor] = None, points: Optional[dict] = None):
         take = (lambda t: t) if optimizer is None and len(active) == C.shape[0] else (lambda t: t[active])
         self.active = active
         self.box = Bounds(take(box.lower), take(box.upper))
@@ -274,7 +275,7 @@ class _ActiveBatch:
         self.lines = {r: tuple(take(t) for t in four) for r, four in lines.items()}
         self.alphas = {key: (take(pair[0].detach()).clone().requires_grad_(True), None) for key, pair in alphas.items()}
         live = {z: take(b.detach()).clone().requires_grad_(True) for z, b in betas.items()}
-        self.splits = SplitState({z: take(s) for z, s in signs.items()}, live)
+        self.splits = SplitState({z: take(s) for z, s in signs.items()}, live, {z: take(p) for z, p in (points or {}).items()})
         self.record: dict[int, Tensor] = {}
         groups = [([pair[0] for pair in self.alphas.values()], config.lr),
                   (list(live.values()), config.multiplier_lr)]
@@ -290,7 +291,7 @@ class _ActiveBatch:
             for z, b in self.splits.betas.items():
                 betas[z][self.active] = b.detach()
 
-    def subset(self, keep, active, box, C, initial, lines, signs, alphas, betas) -> "_ActiveBatch":
+    def subset(self, keep, active, box, C, initial, lines, signs, alphas, betas, points=None) -> "_ActiveBatch":
         """The batch of samples ``active`` = rows ``keep`` of this one, with their Adam state."""
         return _ActiveBatch(active, box, C, initial, lines, signs, alphas, betas, self.config,
-                            optimizer=self.optimizer, rows=keep)
+                            optimizer=self.optimizer, rows=keep, points=points)

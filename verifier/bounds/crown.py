@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..graph import BoundGraph
 from ..ops import Bounds
-from ..ops.base import LinearBound
+from ..ops.base import LinearBound, contract
 from .budget import CrownBudget, bytes_per_row, row_chunks
 from .floating import pass_slack, widen_ibp
 from .ibp import ibp_bounds
@@ -36,20 +36,33 @@ Alphas = dict[tuple[int, int], tuple[Optional[Tensor], Optional[Tensor]]]
 
 @dataclass
 class SplitState:
-    """ReLU split decisions of a batch of subdomains, per ReLU input node:
-    ``signs[node]``: (N, *shape) with +1 (z >= 0 enforced), -1 (z <= 0) or 0 (free);
+    """Split decisions of a batch of subdomains, per split input node: the constraint
+    ``s (z - p) >= 0`` on each neuron z, with
+    ``signs[node]``: (N, *shape) s = +1 (z >= p enforced), -1 (z <= p) or 0 (free);
+    ``points[node]``: (N, *shape) the split points p, absent for ReLU splits (p = 0);
     ``betas[node]``: (N, S, *shape) or (N, 1, *shape) non-negative multipliers, or absent."""
 
     signs: dict[int, Tensor] = field(default_factory=dict)
     betas: dict[int, Tensor] = field(default_factory=dict)
+    points: dict[int, Tensor] = field(default_factory=dict)
 
     def apply(self, node: int, b: Bounds) -> Bounds:
-        """Tighten bounds of a split node: z >= 0 lifts the lower bound, z <= 0 the upper."""
+        """Tighten bounds of a split node: z >= p lifts the lower bound to p, z <= p lowers the
+        upper one."""
         s = self.signs.get(node)
         if s is None:
             return b
-        return Bounds(torch.where(s > 0, b.lower.clamp(min=0), b.lower),
-                      torch.where(s < 0, b.upper.clamp(max=0), b.upper))
+        p = self.points.get(node)
+        if p is None:
+            return Bounds(torch.where(s > 0, b.lower.clamp(min=0), b.lower),
+                          torch.where(s < 0, b.upper.clamp(max=0), b.upper))
+        return Bounds(torch.where(s > 0, torch.maximum(b.lower, p), b.lower),
+                      torch.where(s < 0, torch.minimum(b.upper, p), b.upper))
+
+    def take(self, rows: Tensor) -> "SplitState":
+        """The split state of samples ``rows`` (a long index)."""
+        return SplitState({z: t[rows] for z, t in self.signs.items()}, {z: t[rows] for z, t in self.betas.items()},
+                          {z: t[rows] for z, t in self.points.items()})
 
 
 @dataclass(frozen=True)
@@ -156,7 +169,7 @@ def backward_bound(graph: BoundGraph, start: int, lA: Optional[Tensor], uA: Opti
     shared by every sample, or (N, S) rows of each sample.
     bounds: per node, Bounds (N, *shape) wherever a relaxation needs them.
     Returns lb, ub: (N, S) (None for a side not asked for). With ``record``, the lower-side
-    coefficients reaching every branchable node's output (N, S, *shape) and the input (key 0)
+    coefficients reaching every branchable or splittable node's output (N, S, *shape) and the input (key 0)
     are stored there (branching heuristics read them). ``lines``: relaxations computed once from
     ``bounds`` (``relu_lines``) by a caller that bounds repeatedly with the same intermediate
     bounds. The pass names no op: each node's op propagates the bound (``Op.backward``) and
@@ -185,6 +198,14 @@ def backward_bound(graph: BoundGraph, start: int, lA: Optional[Tensor], uA: Opti
             term = splits.betas[i] * splits.signs[i].unsqueeze(1)
             lA_i = None if lA_i is None else lA_i - term
             uA_i = None if uA_i is None else uA_i + term
+            if i in splits.points:   # s (z - p) >= 0: the constant beta s p joins the biases
+                point = splits.points[i].unsqueeze(1)
+                constant = contract(term, point)
+                # widened by a bound on the sum's rounding (n terms: n eps of the sum of |terms|)
+                n = point[0].numel()
+                rounding = 2 * n * torch.finfo(term.dtype).eps * contract(term.abs(), point.abs())
+                total = total.shift(constant - rounding if lA_i is not None else 0.0,
+                                    -constant + rounding if uA_i is not None else 0.0)
         node = graph.nodes[i]
         op = node.op
         if record is None and slack is None and flat_input and node.inputs == (0,) \
@@ -193,7 +214,7 @@ def backward_bound(graph: BoundGraph, start: int, lA: Optional[Tensor], uA: Opti
             if direct is not None:
                 total = total.shift(0.0 if direct[0] is None else direct[0], 0.0 if direct[1] is None else direct[1])
                 continue
-        if record is not None and op.branchable and lA_i is not None:
+        if record is not None and (op.branchable or op.splittable) and lA_i is not None:
             record[i] = lA_i
         kwargs = {}
         if alphas is not None and (start, i) in alphas:
@@ -308,8 +329,7 @@ def _crown_per_sample_rows(graph: BoundGraph, node: int, b: Bounds, bounds: list
         for j in ancestors:
             if bounds[j] is not None:
                 gathered[j] = take_rows(bounds[j], group)
-        group_splits = None if splits is None else SplitState(
-            {z: t[group] for z, t in splits.signs.items()}, {z: t[group] for z, t in splits.betas.items()})
+        group_splits = None if splits is None else splits.take(group)
         group_box = gathered[0] if box is None else take_rows(box, group)
         lb, ub = backward_bound(graph, node, None, None, gathered, group_box, splits=group_splits,
                                 start_rows=rows, alphas=None if slopes is None else slopes.for_rows(node, rows))

@@ -118,6 +118,8 @@ class _SShaped(Op):
     """Shared relaxation of Sigmoid and Tanh; subclasses give f and the inverse of f'."""
 
     nonlinear = True
+    splittable = True
+    inflection = 0.0   # branch and bound splits here first: each half is convex or concave
 
     def f(self, x: Tensor) -> Tensor:
         raise NotImplementedError

@@ -88,6 +88,9 @@ class Op:
     - ``loose(b)``: (N, *in_shape) bool, the input neurons whose relaxation is not exact under
       bounds b (CROWN only tightens those); None where every neuron may be loose;
     - ``branchable = True``: branch and bound may split the op's input at 0 (ReLU);
+    - ``splittable = True``: an elementwise op (shape-preserving, one input, each output entry a
+      function of the same input entry, ``backward`` valid on any shape) whose input branch and
+      bound may split at any point, the relaxation rebuilt on each half (GenBaB);
     - ``identity_rows(rows, N, in_shape)``: the backward pass of identity rows of its output, without the
       one-hot product: (A on the input (N, S, *in_shape), bias (N or 1, S)) or None;
     - ``bound_over_box(lA, uA, box)``: backward through the op *and* concretisation over a box
@@ -97,6 +100,7 @@ class Op:
     nonlinear = False  # needs bounds on its input for a relaxation
     optimisable = False
     branchable = False
+    splittable = False
 
     def lines(self, *input_bounds: Bounds):
         return None

@@ -32,6 +32,7 @@ class _Smooth(Relaxed, Op):
     can both be False, ``critical(k, l, u)``: every point of [l, u] where f'(x) = k."""
 
     optimisable = True
+    splittable = True   # branch and bound may split the input anywhere (bab/general_split.py)
     curvature = 0.0   # bound on |f''| near computed critical points (see fit_intercepts)
     floor: Optional[float] = None   # a lower bound of f on its whole domain, if any
 

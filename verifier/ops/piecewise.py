@@ -71,6 +71,8 @@ class LeakyReLU(Relaxed, Op):
     in [slope, 1]), concave for slope > 1 (the upper line), the chord on the other side."""
 
     optimisable = True
+    splittable = True   # branch and bound may split the input (bab/general_split.py)
+    inflection = 0.0    # at the kink first: each half is linear
 
     def __init__(self, slope: float = 0.01):
         self.slope = float(slope)
@@ -136,6 +138,7 @@ class Clip(Relaxed, Op):
     across ``high`` only concave (upper line through it); across both, chord-slope lines."""
 
     optimisable = True
+    splittable = True   # branch and bound may split the input (bab/general_split.py)
 
     def __init__(self, low: Optional[Tensor | float] = None, high: Optional[Tensor | float] = None):
         self.low = torch.as_tensor(float("-inf") if low is None else low, dtype=torch.get_default_dtype())
