@@ -72,11 +72,18 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-limit", type=int, default=1000,
                         help="evaluate on the first N test images (default 1000)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                        help="floating-point type of the model and the data")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="random seed: initialisation, data order, random scores")
+    parser.add_argument("--batch-size", type=int, default=128,
+                        help="mini-batch size of training, fine-tuning and score learning")
+    parser.add_argument("--lr", type=float, default=1e-3,
+                        help="learning rate of training or fine-tuning (train: the regime's when "
+                             "not given)")
+    parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
+                        help="optimiser of training or fine-tuning (train: the regime's when not "
+                             "given)")
     parser.add_argument("--pgd-steps", type=int, default=10, help="PGD steps (default 10)")
     parser.add_argument("--pgd-step-size", type=float,
                         help="PGD step size (default 2.5·eps/steps)")
@@ -123,14 +130,15 @@ def add_train_parser(subparsers) -> None:
 
     parser = subparsers.add_parser(
         "train", help="train a zoo model (standard, PGD, FGSM+GradAlign or CROWN-IBP)")
-    parser.add_argument("--dataset", choices=sorted(DEFAULT_EPS), default="fashion-mnist")
+    parser.add_argument("--dataset", choices=sorted(DEFAULT_EPS), default="fashion-mnist",
+                        help="dataset to train and evaluate on, read from --data-dir")
     parser.add_argument("--model", default="mlp2x256",
                         help=f"zoo model, one of {', '.join(sorted(MODELS))} (default mlp2x256)")
     parser.add_argument("--regime", default="standard",
                         help=f"one of {', '.join(REGIMES)} (default standard)")
     parser.add_argument("--eps", type=float,
                         help="L∞ radius (default 0.1 on (Fashion-)MNIST, 2/255 on CIFAR-10)")
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=10, help="training epochs")
     parser.add_argument("--rewind-epoch", type=int, default=1,
                         help="save the weights after this epoch for rewinding (default 1; "
                              "0: the initial weights)")
@@ -230,12 +238,17 @@ def add_prune_parser(subparsers) -> None:
                              "(conv, as the paper; default all)")
     parser.add_argument("--schedule", choices=SCHEDULES,
                         help="default: iterative for imp, one-shot otherwise")
-    parser.add_argument("--rewind", choices=REWINDS, default="rewind_lt")
+    parser.add_argument("--rewind", choices=REWINDS, default="rewind_lt",
+                        help="iterative: reset the surviving weights after each round to the "
+                             "snapshot after train's --rewind-epoch (rewind_lt), to the initial "
+                             "weights (lt), or not at all (pt)")
     parser.add_argument("--finetune-epochs", type=int, default=2,
                         help="epochs of fine-tuning (per round when iterative)")
     parser.add_argument("--score-epochs", type=int, default=2,
                         help="HYDRA score-learning / slim L1-on-γ training epochs")
-    parser.add_argument("--score-lr", type=float, default=1e-3)
+    parser.add_argument("--score-lr", type=float, default=1e-3,
+                        help="learning rate of score learning (hydra, stability) and of the "
+                             "regularised training before slim / nrs remove channels")
     parser.add_argument("--score-batches", type=int,
                         help="mini-batches of gradients for snip / taylor (default 8 for snip, "
                              "one epoch for taylor)")
@@ -341,7 +354,8 @@ def run_prune(args) -> int:
 
 def add_export_parser(subparsers) -> None:
     parser = subparsers.add_parser("export", help="export a checkpoint to ONNX + VNN-LIB specs")
-    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--checkpoint", type=Path, required=True,
+                        help="model.pt written by `certiprune train` or `certiprune prune`")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--compact", action="store_true",
                         help="fold BatchNorm into the preceding layer and remove dead neurons / "

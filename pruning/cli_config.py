@@ -52,6 +52,7 @@ def enable_config(parser: argparse.ArgumentParser, command: str) -> ConfigSpec:
             continue
         actions[action.dest.replace("_", "-")] = action
         defaults[action.dest] = action.default
+        action.shown_default = action.default   # what --help shows (verifier.cli.HelpFormatter)
         action.default = UNSET
         if action.required:
             required.append(action.dest)
