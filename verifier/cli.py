@@ -29,7 +29,7 @@ COMMANDS = {
     "train": "train a model of the zoo (standard, PGD, FGSM+GradAlign or CROWN-IBP)",
     "prune": "prune a trained checkpoint and fine-tune it",
     "export": "export a checkpoint to ONNX and VNN-LIB robustness properties",
-    "bench": "run a VNN-COMP instances CSV, one process per instance, and score it",
+    "bench": "run a VNN-COMP instances CSV (one process per instance, or warm Dask workers) and score it",
     "stats": "tightness report (JSON, CSVs, PNGs) of `verify --stats` records",
     "study": "train, prune at a sparsity ladder, fine-tune, verify and tabulate (resumable)",
 }
