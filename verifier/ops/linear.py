@@ -110,7 +110,24 @@ def _sum_shape(t: Tensor) -> Tensor:
     return t.flatten(2).sum(-1) if t.dim() > 2 else t
 
 
-class Conv2d(Op):
+class _WeightedMap(Op):
+    """A convolution-like linear map ``apply(x, W, b)`` of constant weights: its forward and its
+    IBP (centre through W, radius through |W|: exact for a linear map of a box)."""
+
+    def apply(self, x: Tensor, W: Tensor, b: Optional[Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.apply(x, self.weight(), None if self.bias is None else self.bias())
+
+    def ibp(self, b: Bounds) -> Bounds:
+        W = self.weight()
+        center = self.apply((b.upper + b.lower) / 2, W, None if self.bias is None else self.bias())
+        radius = self.apply((b.upper - b.lower) / 2, W.abs(), None)
+        return Bounds(center - radius, center + radius)
+
+
+class Conv2d(_WeightedMap):
     """2-D convolution, per-sample ``(C_in, H, W) -> (C_out, H_out, W_out)``."""
 
     def __init__(self, weight: Param, bias: Optional[Param], stride, padding, dilation, groups: int,
@@ -119,17 +136,8 @@ class Conv2d(Op):
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.in_shape = tuple(in_shape)
 
-    def _conv(self, x: Tensor, W: Tensor, b: Optional[Tensor]) -> Tensor:
+    def apply(self, x: Tensor, W: Tensor, b: Optional[Tensor]) -> Tensor:
         return F.conv2d(x, W, b, self.stride, self.padding, self.dilation, self.groups)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self._conv(x, self.weight(), None if self.bias is None else self.bias())
-
-    def ibp(self, b: Bounds) -> Bounds:
-        W = self.weight()
-        center = self._conv((b.upper + b.lower) / 2, W, None if self.bias is None else self.bias())
-        radius = self._conv((b.upper - b.lower) / 2, W.abs(), None)
-        return Bounds(center - radius, center + radius)
 
     def backward(self, lA, uA, *_) -> BackwardResult:
         W = self.weight()
@@ -161,7 +169,7 @@ class Conv2d(Op):
         larger error, which this does not bound."""
         m = magnitude(inputs[0])
         W = self.weight()
-        products = self._conv(m, W.abs(), None)
+        products = self.apply(m, W.abs(), None)
         bias = None if self.bias is None else self.bias().abs().view(-1, 1, 1)
         # an input entry of the transposed convolution sums at most C_out k_h k_w products; the
         # bias term sums A over the output positions, then over the channels
@@ -169,7 +177,7 @@ class Conv2d(Op):
                              products[0, 0].numel() + W.shape[0], rounding)
 
     def float_gain(self, error):
-        return self._conv(error, self.weight().abs(), None)
+        return self.apply(error, self.weight().abs(), None)
 
 
 def _affine_error(products: Tensor, bias: Optional[Tensor], fan_in: int, fan_out: int, bias_terms: int,
@@ -189,7 +197,7 @@ def _affine_error(products: Tensor, bias: Optional[Tensor], fan_in: int, fan_out
     return error
 
 
-class ConvTranspose2d(Op):
+class ConvTranspose2d(_WeightedMap):
     """Transposed 2-D convolution, per-sample ``(C_in, H, W) -> (C_out, H_out, W_out)``; weight
     (C_in, C_out / groups, kh, kw). Affine, so bounded exactly: IBP by centre and radius, backward
     by its adjoint, the convolution with the same weight (which maps (C_out, H_out, W_out) back to
@@ -201,18 +209,9 @@ class ConvTranspose2d(Op):
         self.stride, self.padding, self.output_padding = stride, padding, output_padding
         self.dilation, self.groups = dilation, groups
 
-    def _deconv(self, x: Tensor, W: Tensor, b: Optional[Tensor]) -> Tensor:
+    def apply(self, x: Tensor, W: Tensor, b: Optional[Tensor]) -> Tensor:
         return F.conv_transpose2d(x, W, b, self.stride, self.padding, self.output_padding, self.groups,
                                   self.dilation)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self._deconv(x, self.weight(), None if self.bias is None else self.bias())
-
-    def ibp(self, b: Bounds) -> Bounds:
-        W = self.weight()
-        center = self._deconv((b.upper + b.lower) / 2, W, None if self.bias is None else self.bias())
-        radius = self._deconv((b.upper - b.lower) / 2, W.abs(), None)
-        return Bounds(center - radius, center + radius)
 
     def backward(self, lA, uA, *_) -> BackwardResult:
         W = self.weight()
