@@ -390,6 +390,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                                                           "(VNN-COMP's timing) instead of warm workers")
     p.add_argument("--device", default="cpu", help="torch device passed to verify; with Dask and cuda, one "
                                                    "instance per GPU worker (resource GPU=1)")
+    p.add_argument("--scripts", choices=("cold", "warm"), help="run each instance as VNN-COMP does: "
+                   "prepare_instance.sh untimed, then run_instance.sh timed (warm: prepare starts a warm worker "
+                   "that run_instance.sh hands the instance to)")
 
 
 def add_parser(subparsers) -> None:
@@ -406,6 +409,10 @@ def run_bench(args) -> int:
         shard = parse_shard(args.shard)
     except ValueError as exc:
         print(f"certiprune bench: error: {exc}", file=sys.stderr)
+        return 2
+    if args.scripts and (args.workers or args.scheduler):
+        print("certiprune bench: error: --scripts runs one instance at a time on this machine; "
+              "it does not combine with --workers / --scheduler", file=sys.stderr)
         return 2
     if args.instances:
         instances = select(read_instances(args.instances, args.root), args.every, args.limit, shard)
@@ -424,7 +431,7 @@ def run_bench(args) -> int:
         done = read_results(args.out)
         pending = [i for i in instances if i.key not in done]
         where = (f"Dask scheduler {args.scheduler}" if args.scheduler else f"{args.workers} Dask worker(s)"
-                 if args.workers else f"{args.jobs} at a time")
+                 if args.workers else f"VNN-COMP scripts, {args.scripts}" if args.scripts else f"{args.jobs} at a time")
         print(f"{len(instances)} instances selected, {len(instances) - len(pending)} already in {args.out}, "
               f"{len(pending)} to run; verifier {source_version()}, {os.cpu_count()} CPUs, {where}", file=sys.stderr)
         writer = ResultWriter(args.out)
@@ -432,6 +439,9 @@ def run_bench(args) -> int:
             if args.workers or args.scheduler:
                 from benchmarks.cluster.runner import run_on_dask
                 run_on_dask(pending, args, writer, reference or {})
+            elif args.scripts:
+                from benchmarks.cluster.scripts import run_all_with_scripts
+                run_all_with_scripts(pending, args, writer, reference or {})
             else:
                 run_all(pending, args, writer, reference or {})
         except KeyboardInterrupt:

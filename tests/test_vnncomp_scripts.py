@@ -223,3 +223,21 @@ def test_run_instance_runs_cold_when_the_warm_worker_does_not_answer(tmp_path):
     done = run_script("run_instance.sh", "v1", "test", *SAT, str(result), "60", env=script_env(tmp_path))
     assert done.returncode == 0, done.stderr[-2000:]
     assert result.read_text().startswith("sat\n(")
+
+
+def test_bench_through_the_scripts_times_run_instance_and_records_each_verdict_once(tmp_path):
+    """`bench --scripts warm` runs prepare_instance.sh untimed and run_instance.sh timed per instance
+    (the warm worker takes it): one row per instance with the reference's verdict, mode
+    scripts-warm; a rerun finds nothing left to do."""
+    suite = tmp_path / "instances.csv"
+    suite.write_text("test_sat.onnx,test_prop.vnnlib,30\ntest_unsat.onnx,test_prop.vnnlib,30\n")
+    out = tmp_path / "rows.csv"
+    cmd = [str(ROOT / ".venv" / "bin" / "certiprune"), "bench", str(suite), "--root", str(DATA), "--scripts", "warm",
+           "--out", str(out), "--threads", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=script_env(tmp_path), timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = out.read_text().splitlines()[1:]
+    assert [(r.split(",")[1], r.split(",")[3], r.split(",")[9]) for r in rows] == [
+        ("test_sat.onnx", "sat", "scripts-warm"), ("test_unsat.onnx", "unsat", "scripts-warm")]
+    again = subprocess.run(cmd, capture_output=True, text=True, env=script_env(tmp_path), timeout=300)
+    assert "0 to run" in again.stderr and out.read_text().splitlines()[1:] == rows
