@@ -385,3 +385,4 @@ register_builtins()
 
 # the nonlinear operators (their converters import this module's table first)
 from . import converters_nonlinear  # noqa: E402,F401
+from . import converters_selection  # noqa: E402,F401  (ArgMax, OneHot, Equal, Cast, ScatterND)

@@ -79,6 +79,8 @@ def load_onnx(path: str) -> OnnxModel:
     import onnx.version_converter
     from onnx2torch import convert
 
+    from .converters_selection import add_onnx2torch_converters
+    add_onnx2torch_converters()   # OneHot, which onnx2torch lacks
     model = read_onnx(path)
     for node in model.graph.node:
         if node.domain not in ("", "ai.onnx") or not onnx_supported(node.op_type):
