@@ -20,13 +20,13 @@ from ..bounds.alpha import AlphaConfig, alpha_crown
 from ..bounds.crown import IntermediateSlopes, SplitState, crown_bounds, output_bounds
 from ..graph import BoundGraph
 from ..ops import Bounds, ReLU
-from ..runtime import is_out_of_memory
 from ..spec import RegionSpec
 from .attacks import SearchAttacks
 from .config import BabConfig
-from .domains import Domains, DomainStore, StoreFull
+from .domains import Domains, DomainStore
 from .leaf import settle_leaf
 from .records import SubdomainRecords
+from .search_loop import best_first
 
 
 class ReluLayout:
@@ -108,7 +108,8 @@ class ReluSplitSearch:
         self.catch_up_config = AlphaConfig(iterations=config.catch_up_iterations, lr=config.catch_up_lr,
                                            optimize_intermediate=False,
                                            early_stop_patience=config.catch_up_iterations, beta_lr=config.beta_lr)
-        self.stuck = False
+        self.reason: Optional[str] = None   # why the search cannot decide (a leaf the LP left open)
+        self.kind = "relu"
         self.branching, self.rebound = "babsr", False   # set at the root (choose_branching)
         self.deadline: Optional[float] = None
         self.attacks: Optional[SearchAttacks] = None   # set by run (it needs the deadline)
@@ -258,6 +259,7 @@ class ReluSplitSearch:
         and, when re-bounded in subdomains, use the root's optimised ``slopes``
         (``config.rebound_with_root_slopes``)."""
         if not self.layout.relus:
+            self.reason = "no ReLU to split"
             return "unknown", None
         self.slopes = slopes if self.config.rebound_with_root_slopes else None
         self.deadline = deadline
@@ -276,62 +278,13 @@ class ReluSplitSearch:
             if time.monotonic() > deadline:
                 return "timeout", None
             self.log("no verdict by BaBSR: the search restarts from the root")
-            self.stuck = False
+            self.reason = None
         return self.search(self.with_decisions(root, branching, rebound), deadline)
 
     def search(self, root: Domains, deadline: float) -> tuple[str, Optional[tuple]]:
-        """Best-first branch and bound from ``root`` until ``deadline``."""
+        """Best-first branch and bound from ``root`` until ``deadline`` (``search_loop.best_first``)."""
         self.deadline = deadline
-        store = DomainStore(root)
-        found = self.admit(store, root)
-        if found is not None:
-            return "sat", found
-        batch = most = self.config.relu_batch   # most: what the batch may grow back to
-        last_log = time.monotonic()
-        while True:
-            if len(store) == 0:
-                return ("unknown", None) if self.stuck else ("unsat", None)
-            if time.monotonic() > deadline:
-                return "timeout", None
-            if len(store) > self.config.max_domains:
-                return "unknown", None
-            found = self.attacks.maybe_run() if self.attacks is not None else None
-            if found is not None:
-                return "sat", found
-            parents = store.pop(batch)
-            started = time.monotonic()
-            try:
-                result = self.step(parents)
-            except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as exc:
-                if not is_out_of_memory(exc) or batch == 1:
-                    raise
-                # the parents go back to the store: no domain is lost; the batch that did not
-                # fit is not tried again
-                batch = most = max(1, batch // 2)
-                self.log(f"out of memory: batch shrinks to {batch}")
-                store.push(parents)
-                continue
-            took = time.monotonic() - started
-            if isinstance(result, tuple):
-                return result
-            try:
-                found = self.admit(store, result)
-            except StoreFull as exc:
-                self.log(f"memory budget reached ({exc})")
-                return "unknown", None
-            if found is not None:
-                return "sat", found
-            if took > self.config.max_step_seconds and batch > 1:
-                # a step is the unit the deadline is checked in: keep it short
-                batch = max(1, batch // 2)
-                self.log(f"a step took {took:.1f} s: batch shrinks to {batch}")
-            elif took < self.config.max_step_seconds / 4 and batch < most:
-                # and grows back when steps are short again (a busy machine, deeper domains)
-                batch = min(most, 2 * batch)
-            if time.monotonic() - last_log > 5:
-                last_log = time.monotonic()
-                self.log(f"relu split: {self.records.count} domains bounded, {len(store)} open, "
-                         f"worst bound {store.lowest() if len(store) else 0:.4g}")
+        return best_first(self, root, deadline, self.config.relu_batch)
 
     def admit(self, store: DomainStore, domains: Domains) -> Optional[tuple]:
         """Push the open domains of ``domains`` into the store; settle its leaves (no unstable
@@ -373,14 +326,15 @@ class ReluSplitSearch:
         search's answer ``unknown``. Returns a confirmed counterexample, or None."""
         for k in range(len(leaves)):
             if self.deadline is not None and time.monotonic() > self.deadline:
-                self.stuck = True
+                self.reason = self.reason or "the time limit came while leaf subdomains awaited their LP"
                 return None
             leaf = leaves.take(torch.tensor([k], device=leaves.lower.device))
             outcome, found, _ = settle_leaf(self.graph, self.spec, leaf.signs, leaf.bounds, self.check)
             self.log(f"leaf subdomain (depth {int(leaf.depth[0])}): {outcome} by linear programming")
             if outcome == "sat":
                 return found
-            self.stuck |= outcome != "unsat"
+            if outcome != "unsat":
+                self.reason = "a leaf subdomain (every ReLU decided) that linear programming did not decide"
         return None
 
     def step(self, parents: Domains):
