@@ -66,6 +66,15 @@ def _write_json(path: Path, summary: dict) -> None:
     _log(f"wrote {path}")
 
 
+def _finish(out: Path, summary: dict, eps: float, after: str) -> int:
+    """The last step of train and prune: log the clean and PGD accuracy of ``summary`` (then
+    ``after``) and write it to ``out / "<command>.json"``; the exit code 0."""
+    _log(f"clean accuracy {summary['clean_accuracy']:.4f}, PGD accuracy "
+         f"{summary['pgd_accuracy']:.4f} (eps {eps}){after}")
+    _write_json(out / f"{summary['command']}.json", summary)
+    return 0
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="dataset root (default: $CERTIPRUNE_DATA)")
     parser.add_argument("--train-limit", type=int, help="use only the first N training images")
@@ -204,11 +213,7 @@ def run_train(args) -> int:
                "epochs": [dataclasses.asdict(h) for h in history],
                **_metrics(model, test_data, attack, "none", device, dtype),
                "seconds": time.perf_counter() - start}
-    _log(f"clean accuracy {summary['clean_accuracy']:.4f}, PGD accuracy "
-         f"{summary['pgd_accuracy']:.4f} (eps {eps}) on {len(test_data)} test images")
-    _log(f"wrote {args.out / 'model.pt'}")
-    _write_json(args.out / "train.json", summary)
-    return 0
+    return _finish(args.out, summary, eps, f" on {len(test_data)} test images\nwrote {args.out / 'model.pt'}")
 
 
 # ---------------------------------------------------------------- prune
@@ -344,10 +349,7 @@ def run_prune(args) -> int:
                              for r in report},
                "rounds": rounds, "seconds": time.perf_counter() - start}
     _log(format_report(report))
-    _log(f"clean accuracy {metrics['clean_accuracy']:.4f}, PGD accuracy "
-         f"{metrics['pgd_accuracy']:.4f} (eps {eps}); wrote {args.out / 'model.pt'}")
-    _write_json(args.out / "prune.json", summary)
-    return 0
+    return _finish(args.out, summary, eps, f"; wrote {args.out / 'model.pt'}")
 
 
 # ---------------------------------------------------------------- export

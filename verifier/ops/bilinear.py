@@ -24,7 +24,8 @@ from torch import Tensor
 
 from ..errors import UnsupportedOperatorError
 from .base import BackwardResult, Bounds, Op, contract, magnitude
-from .relax import GROW, MARGIN_ULPS, TINY_FLOORS, finite, project, relative_ends, tiny, unbroadcast
+from .relax import (GROW, MARGIN_ULPS, TINY_FLOORS, broadcast_repeats, finite, product_step_error, project,
+                    relative_ends, tiny, unbroadcast)
 
 DEFAULT_ALPHA = 0.5
 
@@ -104,12 +105,9 @@ class Mul(Op):
         if not rounding.backward:
             return torch.maximum(*self.float_error_ends(inputs, rounding))
         P = magnitude(bx) * magnitude(by)
-        floor = TINY_FLOORS * tiny(P)
-        numel = P[0].numel()
-        r = max(numel // max(1, bx.lower[0].numel()), numel // max(1, by.lower[0].numel()))
+        r = broadcast_repeats(P[0].numel(), bx.lower[0].numel(), by.lower[0].numel())
         bias = 1 + rounding.gamma(2) + MARGIN_ULPS * torch.finfo(P.dtype).eps   # |bias term| / (|A| P)
-        error = P * (3 * rounding.gamma(2) + 2 * rounding.gamma(r + 1) + rounding.gamma(numel + 6) * bias)
-        return finite(GROW * error + floor)
+        return product_step_error(rounding, P, 3 * rounding.gamma(2), r, 2, 6, bias)
 
     def float_error_ends(self, inputs, rounding) -> Optional[Bounds]:
         """Per end (``relax.relative_ends``): a product rounds relative to itself."""
@@ -230,12 +228,10 @@ class MatMul(Op):
         if not rounding.backward:
             return finite(GROW * rounding.gamma(k + 2) * P + k * floor)
         m, n = bx.lower.shape[-2], by.lower.shape[-1]
-        numel = P[0].numel()
-        r = max(numel // max(1, bx.lower[0].numel() // k * n), numel // max(1, by.lower[0].numel() // k * m))
+        r = broadcast_repeats(P[0].numel(), bx.lower[0].numel() // k * n, by.lower[0].numel() // k * m)
         bias = 1 + rounding.gamma(k + 4) + MARGIN_ULPS * (k + 2) * _matmul_eps(P)   # |bias term| / (|A| P)
-        error = (rounding.gamma(2) + rounding.gamma(n + 1) + rounding.gamma(m + 1) + 2 * rounding.gamma(r + 1)
-                 + rounding.gamma(k + 4) + rounding.gamma(numel + 6) * bias) * P
-        return finite(GROW * error + (k + 1) * floor)
+        coefficient = rounding.gamma(2) + rounding.gamma(n + 1) + rounding.gamma(m + 1) + rounding.gamma(k + 4)
+        return product_step_error(rounding, P, coefficient, r, 2, 6, bias, floors=(k + 1) * TINY_FLOORS)
 
     def float_gain(self, *errors, inputs=None):
         """|x' @ y' - x @ y| <= |x| @ d_y + d_x @ |y| + d_x @ d_y (entrywise); without ``inputs``

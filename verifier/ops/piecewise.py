@@ -20,8 +20,9 @@ from torch import Tensor
 
 from ..errors import ModelValueError
 from .base import BackwardResult, Bounds, Op, contract, magnitude
-from .relax import (GROW, TINY_FLOORS, Lines, Relaxed, chord_slope, finite, finite_slope, fit_intercepts,
-                    line_step_error, per_spec, project, relative_ends, tiny, unbroadcast)
+from .relax import (GROW, TINY_FLOORS, Lines, Relaxed, broadcast_repeats, chord_slope, finite, finite_slope,
+                    fit_intercepts, line_step_error, per_spec, product_step_error, project, relative_ends, tiny,
+                    unbroadcast)
 
 
 def _into(point: Tensor, l: Tensor, u: Tensor) -> Tensor:
@@ -369,12 +370,8 @@ class Maximum(Op):
         if exact is not None:
             return exact
         K = GROW * _line_slopes(_RELU.relaxation(self.difference(bx, by))).clamp(min=1.0)
-        numel = mx[0].numel()
-        r = max(numel // max(1, bx.lower[0].numel()), numel // max(1, by.lower[0].numel()))
-        md = mx + my
-        u = rounding.unit
-        error = (1 + K) * md * (3 * u + rounding.gamma(r + 1) + rounding.gamma(numel + 2))
-        return finite(GROW * error + TINY_FLOORS * tiny(md))
+        r = broadcast_repeats(mx[0].numel(), bx.lower[0].numel(), by.lower[0].numel())
+        return product_step_error(rounding, (1 + K) * (mx + my), 3 * rounding.unit, r, 1, 2)
 
     def float_gain(self, *errors, inputs=None):
         dx, dy = errors

@@ -207,3 +207,23 @@ def line_step_error(rounding, m: Tensor, values: Tensor, slopes: Tensor) -> Tens
     numel = m[0].numel()
     km = slopes * m
     return finite(GROW * (rounding.unit * km + rounding.gamma(numel + 2) * (values + km)) + TINY_FLOORS * tiny(m))
+
+
+def broadcast_repeats(out_numel: int, *in_numels: int) -> int:
+    """How many output entries one input entry reaches at most, when inputs of ``in_numels``
+    entries broadcast to ``out_numel``: the terms a backward step sums into one coefficient."""
+    return max(out_numel // max(1, n) for n in in_numels)
+
+
+def product_step_error(rounding, scale: Tensor, coefficient: float, repeats: int, coefficient_sums: int,
+                       node_terms: int, bias: float = 1.0, floors: float = TINY_FLOORS) -> Tensor:
+    """Per unit of |A|, the error of one backward step through the planes of a two-input op
+    (McCormick's for Mul and MatMul, relu(x - y)'s for Maximum), all in units of ``scale``
+    (N, *out_shape), the largest term a plane contributes: ``coefficient`` for forming the
+    coefficients, ``coefficient_sums`` sums over ``repeats`` broadcast entries (gamma_{r + 1}
+    each), the bias terms (``bias`` times scale at most) summed over the node with
+    ``node_terms`` more (gamma_{numel + node_terms}); plus ``floors`` underflow floors."""
+    numel = scale[0].numel()
+    error = scale * (coefficient + coefficient_sums * rounding.gamma(repeats + 1)
+                     + rounding.gamma(numel + node_terms) * bias)
+    return finite(GROW * error + floors * tiny(scale))
