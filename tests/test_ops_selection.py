@@ -265,3 +265,30 @@ def test_scatter_nd_with_indices_from_the_input_is_refused_in_one_line(tmp_path)
     from verifier.errors import UnsupportedOperatorError
     with pytest.raises(UnsupportedOperatorError, match="ScatterND with indices that depend on the input"):
         BoundedModel(path)
+
+
+def test_clip_with_an_empty_optional_limit_converts(tmp_path):
+    """``Clip(x, min, "")`` (an empty name for the absent max, as cctsdb_yolo writes it)."""
+    nodes = [helper.make_node("Clip", ["x", "low", ""], ["y"])]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    path = _save(tmp_path, "clip_empty", nodes, [x], [y], [_const("low", np.array(0.25, dtype=np.float32))])
+    model = BoundedModel(path)
+    point = torch.tensor([[-1.0, 0.0, 0.5, 3.0]])
+    assert model.forward(point).flatten().tolist() == [0.25, 0.25, 0.5, 3.0]
+    lb, ub = model.compute_bounds(point - 1, point + 1, method="crown")
+    assert lb.flatten().tolist() == [0.25, 0.25, 0.25, 2.0] and ub.flatten().tolist() == [0.25, 1.0, 1.5, 4.0]
+
+
+def test_a_scalar_output_becomes_one_entry(tmp_path):
+    """A model whose output is a scalar (carvana_unet's pixel count) has the per-sample output
+    shape (1,) of VNN-LIB's Y_0: batches and specs work on it."""
+    nodes = [helper.make_node("ReduceSum", ["x"], ["y"], keepdims=0)]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [])
+    model = BoundedModel(_save(tmp_path, "scalar", nodes, [x], [y]))
+    assert model.graph().output_shape == (1,)
+    points = torch.tensor([[1.0, 2.0, 3.0], [0.0, -1.0, 0.5]])
+    assert model.forward(points).tolist() == [[6.0], [-0.5]]
+    lb, ub = model.compute_bounds(points - 1, points + 1, method="crown")
+    assert lb.flatten().tolist() == [3.0, -3.5] and ub.flatten().tolist() == [9.0, 2.5]

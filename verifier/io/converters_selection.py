@@ -37,10 +37,12 @@ class OnnxOneHot(nn.Module):
 
 
 def add_onnx2torch_converters() -> None:
-    """Give onnx2torch a OneHot converter (once; idempotent)."""
+    """Give onnx2torch a OneHot converter, and a Clip converter that reads an empty optional
+    input name (``Clip(x, min, "")``, as cctsdb_yolo writes it) as an absent limit where
+    onnx2torch's looks the empty name up and fails. Once; idempotent."""
     from onnx import defs
     from onnx2torch.node_converters.registry import _CONVERTER_REGISTRY, OperationDescription, add_converter
-    from onnx2torch.utils.common import OperationConverterResult, onnx_mapping_from_node
+    from onnx2torch.utils.common import OnnxMapping, OperationConverterResult, get_const_value, onnx_mapping_from_node
 
     if OperationDescription(defs.ONNX_DOMAIN, "OneHot", 11) in _CONVERTER_REGISTRY:
         return
@@ -50,6 +52,25 @@ def add_onnx2torch_converters() -> None:
                                         onnx_mapping=onnx_mapping_from_node(node=node))
     for version in (9, 11):
         add_converter(operation_type="OneHot", version=version)(convert)
+
+    def clip(node, graph):
+        limits = []
+        for name in (list(node.input_values[1:3]) + [None, None])[:2]:
+            try:
+                limits.append(float(get_const_value(name, graph)) if name else None)
+            except KeyError:
+                raise NotImplementedError("Clip with limits that are not constants is not supported") from None
+        return OperationConverterResult(torch_module=_onnx_clip(*limits),
+                                        onnx_mapping=OnnxMapping(inputs=(node.input_values[0],),
+                                                                 outputs=node.output_values))
+    for version in (11, 12, 13):
+        _CONVERTER_REGISTRY[OperationDescription(defs.ONNX_DOMAIN, "Clip", version)] = clip
+
+
+def _onnx_clip(low, high) -> nn.Module:
+    """onnx2torch's own choice of module (ReLU for Clip(0), ReLU6, Identity, else OnnxClip)."""
+    from onnx2torch.node_converters.clip import _create_torch_module
+    return _create_torch_module(min_val=low, max_val=high)
 
 
 def _tensor_dim(builder, ref: Ref, axis: int, rank: int) -> int:

@@ -143,4 +143,10 @@ def onnx_bound_graph(onnx_model: OnnxModel, device: torch.device, dtype: torch.d
     from ..simplify import simplify
     graph = build_graph(onnx_model.graph_module, onnx_model.input_layout, onnx_model.batched, device, dtype,
                         os.path.basename(onnx_model.path), live_params=False)
+    if graph.output_shape == ():   # a scalar output (carvana_unet's pixel count) as VNN-LIB's Y_0: shape (1,)
+        from ..graph import Node
+        from ..ops import Rearrange
+        last = graph.nodes[graph.output]
+        scalar = Node(last.name, Rearrange(torch.arange(1), (), (1,)), (graph.output,), (1,), "Reshape")
+        graph = BoundGraph(graph.nodes + [scalar], len(graph.nodes))
     return simplify(graph)
