@@ -6,9 +6,10 @@ alpha = 1 if u >= -l else 0 (the smaller-area choice); alpha-CROWN optimises it 
 
 Sigmoid and Tanh: S-shaped with a derivative that is even and unimodal. For any slope k the
 extremes of ``g(x) = f(x) - k x`` on [l, u] lie at l, u or where ``f'(x) = k`` (two symmetric
-points at most), so ``k x + min g`` and ``k x + max g`` are sound lower and upper lines. We take
-k as the chord slope: the upper (lower) line is then the chord where f is convex (concave), and
-its parallel tangent on the other side -- the CROWN relaxation in the one-sided cases.
+points at most), so ``k x + min g`` and ``k x + max g`` are sound lower and upper lines for every
+k. Each line's slope is f' at a tangent point, a free parameter in [l, u] (alpha-CROWN optimises
+it); CROWN's default takes the chord's slope for both lines: the upper (lower) line is then the
+chord where f is convex (concave), and its parallel tangent on the other side.
 """
 from __future__ import annotations
 
@@ -115,11 +116,34 @@ def _through_lines(A: Tensor, slope_nonneg: Tensor, slope_neg: Tensor, intercept
 
 
 class _SShaped(Op):
-    """Shared relaxation of Sigmoid and Tanh; subclasses give f and the inverse of f'."""
+    """Shared relaxation of Sigmoid and Tanh; subclasses give f, f' and the inverse of f'.
+
+    Each line is fitted to a slope (module docstring): the lower line ``k_l x + min g`` and the
+    upper line ``k_u x + max g`` are sound for any slopes. A line's slope is a tangent slope:
+    ``k = f'(d)`` for a tangent point d in [l, u], parametrised by where k lies among the slopes f'
+    takes on [l, u], ``k = k_min + a (k_max - k_min)`` with ``k_min = min(f'(l), f'(u))``,
+    ``k_max = f'(clamp(0, l, u))`` (f' is even and unimodal) and a in [0, 1], one per line (lower,
+    upper). Where d lies in the line's sound range (anywhere on the convex part for the lower
+    line, up to the point whose tangent meets (u, f(u)) in the mixed case, and symmetrically for
+    the upper line), the fitted line *is* the tangent at d (CROWN's and alpha-CROWN's lines, Zhang
+    et al. 2018, Xu et al. 2021); elsewhere it is the line of that slope moved to touch f at an
+    end. So every a gives sound lines and the projection is a clamp. (Slopes outside
+    [k_min, k_max] give lines dominated by one of these.)
+
+    CROWN's default a: the chord's slope for both lines (the upper line is then the chord where
+    f is convex, the lower one where f is concave, and each has its parallel tangent on the other
+    side). alpha-CROWN optimises a per objective; its parameters are ``SCALE * a`` (N, 2, *shape)
+    (``init_slopes``: lower line, then upper line), so that an Adam step of lr moves a by lr /
+    SCALE: branch and bound steps slopes with lr 1.6, which suits a ReLU's [0, 1] slopes but
+    jumps a from end to end (measured: the general split search then stalls on tanh nets).
+    """
 
     nonlinear = True
+    optimisable = True
     splittable = True
     inflection = 0.0   # branch and bound splits here first: each half is convex or concave
+    max_slope = 1.0    # max f' over the reals (float soundness: the Lipschitz constant)
+    SCALE = 16.0       # parameters per unit of a (a power of 2: scaling is exact)
 
     def f(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -128,7 +152,8 @@ class _SShaped(Op):
         raise NotImplementedError
 
     def tangent_points(self, k: Tensor) -> Tensor:
-        """The x >= 0 with f'(x) = k, for 0 < k <= max f' (k is clamped into that range)."""
+        """The x >= 0 with f'(x) = k, for 0 <= k <= max f' (k is clamped into that range; k = 0
+        gives +inf)."""
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
@@ -137,39 +162,83 @@ class _SShaped(Op):
     def ibp(self, b: Bounds) -> Bounds:
         return Bounds(self.f(b.lower), self.f(b.upper))  # monotone increasing
 
-    def relaxation(self, b: Bounds) -> tuple[Tensor, Tensor, Tensor]:
-        """(slope, lower_intercept, upper_intercept), each (N, *shape)."""
+    def slope_range(self, l: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+        """(k_min, k_max): the least and largest f' on [l, u], each broadcast of l, u."""
+        return (torch.minimum(self.df(l), self.df(u)),
+                self.df(torch.minimum(torch.maximum(torch.zeros_like(l), l), u)))
+
+    def init_slopes(self, b: Bounds) -> Tensor:
+        """CROWN's parameters, (N, 2, *shape): SCALE * a with k_min + a (k_max - k_min) the chord's
+        slope (1/2 where the range is empty), the same for the lower and the upper line."""
         l, u = b.lower, b.upper
-        fl, fu = self.f(l), self.f(u)
         width = u - l
-        degenerate = width <= 1e-12
-        chord = (fu - fl) / torch.where(degenerate, torch.ones_like(width), width)
-        k = torch.where(degenerate, self.df(l), chord)
-        x_star = self.tangent_points(k)
-        candidates = torch.stack([l, u, x_star.clamp(l, u), (-x_star).clamp(l, u)])
+        flat = ~(width > 0)
+        chord = (self.f(u) - self.f(l)) / torch.where(flat, torch.ones_like(width), width)
+        k_min, k_max = self.slope_range(l, u)
+        spread = k_max - k_min
+        a = ((chord - k_min) / torch.where(spread > 0, spread, torch.ones_like(spread))).clamp(0, 1)
+        a = torch.where(flat | ~(spread > 0) | ~torch.isfinite(a), torch.full_like(a, 0.5), a)
+        return self.SCALE * torch.stack([a, a], dim=1)
+
+    def project_slopes(self, alpha: Tensor) -> None:
+        alpha.clamp_(0, self.SCALE)
+
+    def fitted_line(self, l: Tensor, u: Tensor, p: Tensor, upper: bool) -> tuple[Tensor, Tensor]:
+        """(slope, intercept) of the sound line of parameter p (= SCALE * a) on [l, u]: all three
+        broadcastable to one shape. Differentiable in p, l and u: the extreme of g = f - k x sits
+        at a candidate whose position does not move g to first order (an end, or f'(x) = k), so
+        the interior candidates are taken as constants."""
+        k_min, k_max = self.slope_range(l, u)
+        k = k_min + _clamp_keep_grad(p / self.SCALE, 0.0, 1.0) * (k_max - k_min)
+        k = k.clamp(0, self.max_slope)
+        k = torch.where(torch.isfinite(k), k, torch.zeros_like(k))   # any slope is sound
+        x_star = self.tangent_points(k.detach())
+        candidates = torch.stack(torch.broadcast_tensors(
+            l, u, torch.minimum(torch.maximum(x_star, l), u), torch.minimum(torch.maximum(-x_star, l), u)))
         kx = k * candidates
         g = self.f(candidates) - kx
         # widen by a few ulps of the terms so that rounding in f and k*x cannot cut a sample off
         margin = 16 * torch.finfo(g.dtype).eps * (1 + g.abs().amax(0) + kx.abs().amax(0))
-        return k, g.amin(0) - margin, g.amax(0) + margin
+        inf = float("inf")
+        if upper:   # NaN (infinite bounds) -> a useless but sound infinite intercept
+            return k, (g + margin).nan_to_num(nan=inf, posinf=inf, neginf=-inf).amax(0)
+        return k, (g - margin).nan_to_num(nan=-inf, posinf=inf, neginf=-inf).amin(0)
 
-    def backward(self, lA, uA, b: Bounds) -> BackwardResult:
-        k, lower_i, upper_i = self.relaxation(b)
-        k1, lo1, up1 = k.unsqueeze(1), lower_i.unsqueeze(1), upper_i.unsqueeze(1)
+    def relaxation(self, b: Bounds, a: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(lower_slope, lower_intercept, upper_slope, upper_intercept) for parameters ``a``
+        ((N, 2, *shape) or per objective (N, S, 2, *shape); CROWN's without); each
+        (N, *shape), or (N, S, *shape) with per-objective ``a``."""
+        l, u = b.lower, b.upper
+        a = self.init_slopes(b) if a is None else a
+        which = a.dim() - l.dim()          # the (lower, upper) dim: 1, or 2 per objective
+        if which == 2:
+            l, u = l.unsqueeze(1), u.unsqueeze(1)
+        return (*self.fitted_line(l, u, a.select(which, 0), upper=False),
+                *self.fitted_line(l, u, a.select(which, 1), upper=True))
+
+    def backward(self, lA, uA, b: Bounds, alpha_l: Optional[Tensor] = None,
+                 alpha_u: Optional[Tensor] = None) -> BackwardResult:
+        """lA, uA: (N, S, *shape); alpha_l, alpha_u: optional parameters (N, S, 2, *shape)
+        or broadcastable, for the lA (resp. uA) side. A lower bound takes the lower line where
+        A >= 0 and the upper line elsewhere; an upper bound the other way round."""
+        default = None
+        if (lA is not None and alpha_l is None) or (uA is not None and alpha_u is None):
+            default = tuple(t.unsqueeze(1) for t in self.relaxation(b))
         lA_in = uA_in = None
         lbias = ubias = 0.0
         if lA is not None:
-            lA_in = lA * k1
-            lbias = contract(lA.clamp(min=0), lo1) + contract(lA.clamp(max=0), up1)
+            ls, li, us, ui = default if alpha_l is None else self.relaxation(b, alpha_l)
+            pos, neg = lA.clamp(min=0), lA.clamp(max=0)
+            lA_in = pos * ls + neg * us     # pos and neg never both non-zero: the sum is exact
+            lbias = contract(pos, li) + contract(neg, ui)
         if uA is not None:
-            uA_in = uA * k1
-            ubias = contract(uA.clamp(min=0), up1) + contract(uA.clamp(max=0), lo1)
+            ls, li, us, ui = default if alpha_u is None else self.relaxation(b, alpha_u)
+            pos, neg = uA.clamp(min=0), uA.clamp(max=0)
+            uA_in = pos * us + neg * ls
+            ubias = contract(pos, ui) + contract(neg, li)
         return BackwardResult([(lA_in, uA_in)], lbias, ubias)
 
     # ---- float soundness (issue 26; verifier/bounds/floating.py) -------------------------------
-    # max f' over the reals: the Lipschitz constant, and a bound on the chord slopes k
-    max_slope = 1.0
-
     def float_error(self, inputs, rounding):
         """A runtime: ``function_error`` (its approximation of f; the input's error is
         ``float_gain``'s). Ours: IBP evaluates f by libm (a few ulps of |f| <= 1: 16 u, as the
@@ -186,34 +255,44 @@ class _SShaped(Op):
     def float_gain(self, error):
         return self.max_slope * error
 
-    float_contractive = True   # chord slopes in [0, max_slope], max_slope <= 1
+    float_contractive = True   # slopes f'(d) clamped into [0, max_slope], max_slope <= 1
 
 
 class Sigmoid(_SShaped):
+    max_slope = 0.25   # sigmoid' <= 1/4
+
     def f(self, x):
         return torch.sigmoid(x)
 
     def df(self, x):
-        s = torch.sigmoid(x)
-        return s * (1 - s)
+        return torch.sigmoid(x) * torch.sigmoid(-x)   # s (1 - s) without cancellation at large x
 
     def tangent_points(self, k):
-        # s (1 - s) = k  =>  s = (1 + sqrt(1 - 4k)) / 2, x = logit(s) >= 0
-        k = k.clamp(1e-12, 0.25)
-        s = (1 + torch.sqrt((1 - 4 * k).clamp(min=0))) / 2
-        return torch.logit(s.clamp(max=1 - 1e-7 if s.dtype == torch.float32 else 1 - 1e-15))
-
-    max_slope = 0.25   # float soundness: sigmoid' <= 1/4
+        # s (1 - s) = k with s >= 1/2: 1 - s = 2k / (1 + sqrt(1 - 4k)) (no cancellation for small
+        # k, so the point stays accurate far out: a point cut short there could miss g's extreme)
+        k = k.clamp(0, 0.25)
+        tail = 2 * k / (1 + torch.sqrt((1 - 4 * k).clamp(min=0)))
+        return torch.log1p(-tail) - torch.log(tail)   # logit(1 - tail); +inf at k = 0
 
 
 class Tanh(_SShaped):
+    max_slope = 1.0
+
     def f(self, x):
         return torch.tanh(x)
 
     def df(self, x):
-        return 1 - torch.tanh(x) ** 2
+        c = torch.cosh(x)
+        return 1 / (c * c)   # sech^2 without the cancellation of 1 - tanh^2
 
     def tangent_points(self, k):
-        # 1 - t^2 = k  =>  t = sqrt(1 - k), x = atanh(t) >= 0
-        t = torch.sqrt((1 - k.clamp(1e-12, 1.0)).clamp(min=0))
-        return torch.atanh(t.clamp(max=1 - 1e-7 if t.dtype == torch.float32 else 1 - 1e-15))
+        # 1 - t^2 = k: t = sqrt(1 - k), 1 - t = k / (1 + t), atanh(t) = log(1 + t) - log(k) / 2
+        k = k.clamp(0, 1)
+        t = torch.sqrt(1 - k)
+        return torch.log1p(t) - 0.5 * torch.log(k)   # +inf at k = 0
+
+
+def _clamp_keep_grad(a: Tensor, low: float, high: float) -> Tensor:
+    """a clamped into [low, high] in value, with the gradient of the identity (a parameter on the
+    boundary can still move inward)."""
+    return a + (a.clamp(low, high) - a).detach()
