@@ -181,11 +181,11 @@ def _points_in(b: Bounds, rng: torch.Generator, n: int = 64) -> torch.Tensor:
 def test_s_shaped_relaxation_lines_enclose_function_on_extreme_intervals(op, reference, dtype):
     rng = generator(7)
     b = _extreme_intervals(dtype, rng)
-    slope, lower_intercept, upper_intercept = (t[0].to(torch.float64) for t in op.relaxation(b))
+    lower_slope, lower_intercept, upper_slope, upper_intercept = (t[0].to(torch.float64) for t in op.relaxation(b))
     x = _points_in(b, rng)
     f = reference(x)
-    assert_le(slope * x + lower_intercept, f, dtype, f"{type(op).__name__} lower line")
-    assert_le(f, slope * x + upper_intercept, dtype, f"{type(op).__name__} upper line")
+    assert_le(lower_slope * x + lower_intercept, f, dtype, f"{type(op).__name__} lower line")
+    assert_le(f, upper_slope * x + upper_intercept, dtype, f"{type(op).__name__} upper line")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
